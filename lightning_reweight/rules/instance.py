@@ -1,0 +1,151 @@
+"""Instance-level loss-based weight rules (pure functions, no Lightning).
+
+Every rule maps a 1-D tensor of per-sample losses (the *global* batch under DDP) to non-negative weights.
+Weights are detached and, unless stated otherwise, average 1 over the batch, so that
+``mean(w * loss)`` is on the same scale as the plain mean loss.
+
+Sources (equations and defaults, see ``../shared/METHODS.md``):
+
+* "Dynamic Loss-Based Sample Reweighting for Improved LLM Pretraining" (Sow et al., ICLR 2025):
+  min-max normalisation ``x_i = δ(2ℓ_i − ℓ_max − ℓ_min) / max(ℓ_max − ℓ_min, 1e-6)`` into ``[−δ, δ]``,
+  a strategy score ``f(x)`` — **LinUpper** ``min(x + δ, δ)``, **Quadratic** ``1 − x²/δ²``,
+  **Extremes** ``|x|`` — and ``w = B · softmax(f(x) / r)`` (closed form of
+  ``max_w Σ w_i f_i − r·KL(w‖uniform)``). Defaults: δ = 1, r = 0.4.
+* "Doubly Robust Instance-Reweighted Adversarial Training" (Sow et al., ICLR 2024): the KL-regularised DRO
+  tilt ``w ∝ exp(ℓ_i / r)`` on raw losses; r = 1.0 by default (the paper gives none; the same group's
+  IR-DRO code uses 1). ``normalizer="ema"`` tracks the normaliser ``(1/n) Σ exp(ℓ/r)`` by a running
+  average (the paper's compositional-optimisation view); the EMA rate 0.1 is ours.
+
+``direction="down"`` negates the score (``w ∝ exp(−f/r)``): the noisy-label variant that de-prioritises
+high-loss samples. For ``kl_dro`` this is the negative tilt ``exp(−ℓ/r)``; for ``linupper`` weights then
+fall as the loss rises below the mid-range and stay flat above it; for the symmetric ``quadratic`` and
+``extremes`` it swaps their roles (up-weights / down-weights both extremes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Direction = Literal["up", "down"]
+Strategy = Literal["linupper", "quadratic", "extremes"]
+
+__all__ = [
+    "check_losses",
+    "minmax_normalize",
+    "linupper_score",
+    "quadratic_score",
+    "extremes_score",
+    "softmax_weights",
+    "loss_based_weights",
+    "kl_dro_weights",
+    "effective_sample_size",
+    "clip_weights",
+]
+
+
+def check_losses(losses: Tensor) -> Tensor:
+    """Validate per-sample losses: 1-D, floating, finite. Returns them detached as float32."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"Expected argument `losses` to be a torch.Tensor, but got {type(losses).__name__}.")
+    if losses.ndim != 1:
+        raise ValueError(
+            f"Expected argument `losses` to be 1-D (one loss per sample), but got shape {tuple(losses.shape)}. "
+            "Compute the loss with `reduction='none'` and average any per-pixel/token dimensions per sample."
+        )
+    if not losses.is_floating_point():
+        raise TypeError(f"Expected argument `losses` to be a floating tensor, but got dtype {losses.dtype}.")
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"Expected finite per-sample losses, but got NaN/inf at batch positions {bad}. No weight or state "
+            "was updated. Check the model/inputs (e.g. lower the learning rate, clip gradients, or filter bad samples)."
+        )
+    return losses.detach().float()
+
+
+def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """Map losses into ``[−δ, δ]``: ``δ(2ℓ − ℓ_max − ℓ_min) / max(ℓ_max − ℓ_min, eps)``.
+
+    All-equal losses map to 0 (then every strategy gives uniform weights).
+    """
+    lo, hi = losses.min(), losses.max()
+    return delta * (2 * losses - hi - lo) / torch.clamp(hi - lo, min=eps)
+
+
+def linupper_score(x: Tensor, delta: float = 1.0) -> Tensor:
+    """LinUpper: ``min(x + δ, δ)`` — linear below the mid-range, capped above (de-prioritises easy samples)."""
+    return torch.clamp(x + delta, max=delta)
+
+
+def quadratic_score(x: Tensor, delta: float = 1.0) -> Tensor:
+    """Quadratic: ``1 − x²/δ²`` — down-weights both the lowest and the highest losses."""
+    return 1 - x.square() / delta**2
+
+
+def extremes_score(x: Tensor, delta: float = 1.0) -> Tensor:
+    """Extremes: ``|x|`` — up-weights both extremes."""
+    return x.abs()
+
+
+_SCORES = {"linupper": linupper_score, "quadratic": quadratic_score, "extremes": extremes_score}
+
+
+def softmax_weights(scores: Tensor, temperature: float) -> Tensor:
+    """``B · softmax(scores / temperature)``: non-negative, mean 1, max-subtracted for stability."""
+    z = scores / temperature
+    return torch.softmax(z - z.max(), dim=0) * scores.numel()
+
+
+def loss_based_weights(
+    losses: Tensor,
+    strategy: Strategy = "linupper",
+    delta: float = 1.0,
+    r: float = 0.4,
+    direction: Direction = "up",
+) -> Tensor:
+    """Sow et al. (ICLR 2025) weights: ``B · softmax(±f(minmax(ℓ)) / r)``. Mean 1, non-negative."""
+    if strategy not in _SCORES:
+        raise ValueError(f"Expected argument `strategy` to be one of {sorted(_SCORES)}, but got {strategy!r}.")
+    score = _SCORES[strategy](minmax_normalize(losses, delta), delta)
+    return softmax_weights(score if direction == "up" else -score, r)
+
+
+def kl_dro_weights(
+    losses: Tensor,
+    r: float = 1.0,
+    direction: Direction = "up",
+    log_normalizer: Tensor | float | None = None,
+) -> Tensor:
+    """KL-DRO tilt ``w_i = exp(±ℓ_i / r) / Z``.
+
+    With ``log_normalizer=None`` ``Z`` is the batch mean (weights average exactly 1); otherwise ``Z =
+    exp(log_normalizer)`` (e.g. a running estimate of ``mean_i exp(±ℓ_i/r)`` over the data set).
+    """
+    z = losses / r if direction == "up" else -losses / r
+    if log_normalizer is None:
+        return softmax_weights(z, 1.0)
+    return torch.exp(z - log_normalizer)
+
+
+def log_mean_exp(z: Tensor) -> Tensor:
+    """``log(mean(exp(z)))`` computed stably."""
+    return torch.logsumexp(z, dim=0) - math.log(z.numel())
+
+
+def clip_weights(weights: Tensor, max_weight: float | None) -> Tensor:
+    """Clip weights at ``max_weight`` (in mean-1 units), then renormalise to mean 1 once."""
+    if max_weight is None:
+        return weights
+    clipped = torch.clamp(weights, max=max_weight)
+    return clipped * (weights.numel() / clipped.sum().clamp_min(1e-12))
+
+
+def effective_sample_size(weights: Tensor) -> Tensor:
+    """Kish's effective sample size ``(Σw)² / Σw²`` (equals B for uniform weights)."""
+    w = weights.detach().float()
+    return w.sum().square() / w.square().sum().clamp_min(1e-30)

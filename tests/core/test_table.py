@@ -1,0 +1,61 @@
+"""SampleStateTable: vectorised updates, duplicates, checkpoint round trip, bad indices."""
+
+import pytest
+import torch
+
+from lightning_reweight.state import Column, SampleStateTable
+
+
+def test_update_last_ema_count_and_duplicates():
+    t = SampleStateTable(5, ema_decay=0.5)
+    t.update(torch.tensor([1, 3]), loss=torch.tensor([2.0, 4.0]), ema_loss=torch.tensor([2.0, 4.0]))
+    assert t["loss"][1] == 2.0 and torch.isnan(t["loss"][0])
+    assert t["ema_loss"][3] == 4.0  # first visit takes the value
+    # index 3 twice in one batch: mean of its values (6 and 10 -> 8); EMA 0.5*4 + 0.5*8 = 6
+    t.update(torch.tensor([3, 3, 0]), loss=torch.tensor([6.0, 10.0, 1.0]), ema_loss=torch.tensor([6.0, 10.0, 1.0]))
+    assert t["loss"][3] == 8.0 and t["ema_loss"][3] == 6.0
+    assert t["count"].tolist() == [1, 1, 0, 3, 0]
+    assert t["count"].dtype == torch.int64 and t["loss"].dtype == torch.float32
+
+
+def test_extra_columns_sum_max():
+    t = SampleStateTable(4, columns={"s": Column("sum"), "m": Column("max", init=-1.0), "n": Column("count", dtype=torch.int64)})
+    t.update(torch.tensor([0, 0, 2]), s=torch.tensor([1.0, 2.0, 5.0]), m=torch.tensor([3.0, 7.0, -5.0]))
+    assert t["s"].tolist() == [3.0, 0, 5.0, 0] and t["m"].tolist() == [7.0, -1, -1, -1]
+    t.add_column("extra", Column("last", init=0.5))
+    assert t["extra"].tolist() == [0.5] * 4
+    with pytest.raises(ValueError, match="different spec"):
+        t.add_column("extra", Column("ema"))
+
+
+def test_round_trip_exact():
+    t = SampleStateTable(6)
+    t.add_column("beta", Column("last", init=0.5))
+    t.update(torch.tensor([0, 4, 4]), loss=torch.tensor([1.0, 2.0, 3.0]), beta=torch.tensor([0.1, 0.2, 0.3]))
+    clone = SampleStateTable.from_state_dict(t.state_dict())
+    for k in t.columns:
+        torch.testing.assert_close(clone[k], t[k], equal_nan=True, rtol=0, atol=0)
+    assert clone.specs == t.specs
+
+
+def test_bad_indices_leave_state_untouched():
+    t = SampleStateTable(3)
+    before = {k: v.clone() for k, v in t.columns.items()}
+    with pytest.raises(IndexError, match=r"\[0, 3\)"):
+        t.update(torch.tensor([0, 3]), loss=torch.tensor([1.0, 1.0]))
+    with pytest.raises(TypeError, match="integer"):
+        t.update(torch.tensor([0.0]), loss=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="one per index"):
+        t.update(torch.tensor([0, 1]), loss=torch.tensor([1.0]))
+    with pytest.raises(KeyError, match="add_column"):
+        t.update(torch.tensor([0]), nope=torch.tensor([1.0]))
+    for k, v in before.items():
+        torch.testing.assert_close(t[k], v, equal_nan=True)
+    with pytest.raises(ValueError, match="changed size"):
+        SampleStateTable(4).load_state_dict(t.state_dict())
+
+
+def test_memory_is_o_n_float32():
+    t = SampleStateTable(1000)
+    # loss, ema_loss, weight float32 + count int64
+    assert t.nbytes() == 1000 * (4 * 3 + 8)

@@ -1,0 +1,27 @@
+"""Test helpers shared across the suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_ddp_script(script: str | Path, out_dir: str | Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a standalone 2-process CPU DDP script (``Trainer(accelerator="cpu", devices=2, strategy="ddp")``).
+
+    Lightning's ``ddp`` strategy re-launches the script itself for rank 1, so the script must be a real file
+    that calls ``trainer.fit`` under ``if __name__ == "__main__":``. ``out_dir`` is passed as the first
+    argument; each rank writes its results there. Raises with the script's output if it fails.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(script), str(out_dir), *args], cwd=str(out_dir), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"DDP script {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
