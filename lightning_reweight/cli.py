@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Entry point of the console script (``args``/``run`` as in ``LightningCLI``, for tests)."""
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """The LightningCLI behind the console script (``args``/``run`` as in ``LightningCLI``)."""
     return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -21,6 +21,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args=args,
         run=run,
     )
+
+
+def main() -> None:
+    """Console-script entry point (returns ``None`` so the exit status is 0 on success)."""
+    build_cli()
 
 
 if __name__ == "__main__":  # pragma: no cover
