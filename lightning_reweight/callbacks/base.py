@@ -181,7 +181,8 @@ class WeightingCallback(Callback):
         self._last = None
         # global_step already advanced for this batch; log on the step that produced the weights
         if self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0:
-            log_weight_stats(trainer, pl_module, self.prefix, weights, gbatch.group, histogram=self.log_histogram)
+            log_weight_stats(trainer, pl_module, self.prefix, weights, gbatch.group, histogram=self.log_histogram,
+                             step=gbatch.global_step)
 
     # ------------------------------------------------------------------ checkpointing
     @override

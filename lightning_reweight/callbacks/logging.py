@@ -1,8 +1,10 @@
 """Weight diagnostics for the Trainer's loggers: histograms and summary scalars.
 
-Scalars go through ``pl_module.log`` (so every logger, ``ModelCheckpoint(monitor=...)`` and the progress
-bar see them); histograms go to every logger whose ``experiment`` has ``add_histogram`` (TensorBoard).
-Values are identical on every rank (they come from the gathered batch), so rank 0 alone writes.
+Scalars go straight to every logger (``logger.log_metrics``) at the callback's own cadence — not through
+``pl_module.log``, whose writes Lightning throttles to ``Trainer(log_every_n_steps)`` and would drop when the
+two cadences differ; histograms go to every logger whose ``experiment`` has ``add_histogram``
+(TensorBoard). Values are identical on every rank (they come from the gathered batch), so rank 0 alone
+writes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int | Non
             experiment.add_histogram(tag, values.detach().float().cpu(), global_step=step)
 
 
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Write scalars to every logger now (rank 0 only), bypassing Lightning's logging cadence."""
+    if not trainer.is_global_zero or not metrics:
+        return
+    step = trainer.global_step if step is None else step
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
 def log_weight_stats(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
@@ -43,6 +54,7 @@ def log_weight_stats(
     groups: Tensor | None = None,
     histogram: bool = True,
     extra: dict[str, float] | None = None,
+    step: int | None = None,
 ) -> dict[str, float]:
     """Log ``{prefix}/mean|max|min|ess|ess_frac`` (+ ``{prefix}/group_{g}/mean`` and ``/mass``) and a
     ``{prefix}/weights`` histogram. Returns the scalar dict (also handy in tests)."""
@@ -61,9 +73,8 @@ def log_weight_stats(
                 stats[f"group_{k}/mass"] = float(sums[k] / total)
     if extra:
         stats.update(extra)
-    if stats and pl_module._trainer is not None:
-        pl_module.log_dict({f"{prefix}/{k}": v for k, v in stats.items()}, rank_zero_only=True,
-                           on_step=True, on_epoch=False)
+    if stats:
+        log_scalars(trainer, {f"{prefix}/{k}": v for k, v in stats.items()}, step=step)
     if histogram:
-        log_histogram(trainer, f"{prefix}/weights", weights)
+        log_histogram(trainer, f"{prefix}/weights", weights, step=step)
     return stats
