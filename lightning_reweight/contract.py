@@ -12,9 +12,10 @@ With manual optimisation the same call gives the loss to back-propagate::
 
 Composition: each attached ``WeightingCallback`` returns global per-sample weights; the weights are
 multiplied in ``trainer.callbacks`` order and the product is renormalised to mean 1 over the global batch
-(skipped when any callback declares ``normalized = False``, e.g. KL-DRO with an EMA normaliser). The local
-loss is ``mean(w_i · ℓ_i)`` over this rank's samples; DDP's gradient averaging turns it into the global
-weighted mean. Weights never carry gradient.
+(skipped when any callback declares ``normalized = False``, e.g. KL-DRO with an EMA normaliser). A rank's
+loss is ``(W / B_global) · Σ_local w_i ℓ_i``; DDP's gradient averaging over the W ranks turns it into the
+global weighted mean ``(1/B_global) Σ_global w_i ℓ_i``, exactly, even with uneven per-rank batch sizes
+(one process: ``mean(w_i ℓ_i)``). Weights never carry gradient.
 """
 
 from __future__ import annotations
@@ -166,4 +167,6 @@ def reduce_loss(
     for cb in callbacks:
         cb.on_weights_computed(batch, weights, trainer, module)
     w_local = weights[batch.local].to(local_losses.device, local_losses.dtype)
-    return (w_local * local_losses).mean()
+    # W/B_global · Σ_local w·ℓ: DDP's gradient mean over W ranks gives exactly (1/B_global) Σ_global w·ℓ,
+    # also when ranks hold different batch sizes (one process: the plain weighted mean)
+    return (w_local * local_losses).sum() * (batch.world_size / len(batch))

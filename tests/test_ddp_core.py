@@ -19,7 +19,7 @@ def test_ddp_tables_identical_and_gather_exact(tmp_path):
     for name in t0:
         torch.testing.assert_close(t0[name], t1[name], equal_nan=True, rtol=0, atol=0)
     # every sample seen: 3 epochs over 37 samples (DistributedSampler pads one duplicate per epoch)
-    assert int(t0["count"].sum()) == 3 * 38
+    assert int(t0["count"].sum()) == 3 * 38 + 8  # + the 8-sample exactness probe below
     assert bool((t0["count"] >= 3).all())
     # the weights moved away from 1 after warm-up and the models stayed in sync
     assert not torch.allclose(t0["weight"], torch.ones_like(t0["weight"]))
@@ -29,5 +29,7 @@ def test_ddp_tables_identical_and_gather_exact(tmp_path):
     assert idx.tolist() == [0, 1, 100, 101, 102]
     assert val.tolist() == [0, 0, 1, 1, 1]
     assert extra.shape == (5, 2) and extra[2:].eq(1).all()
+    # rank-averaged gradients of the uneven split equal the single-process weighted mean
+    assert r0["grad_err"] is not None and r0["grad_err"] < 1e-6 and r1["grad_err"] < 1e-6
     for a, b in zip(r0["uneven"], r1["uneven"]):
         torch.testing.assert_close(a, b)

@@ -57,5 +57,29 @@ if __name__ == "__main__":
     uneven = None
     if is_distributed():
         uneven, sizes = gather_rows([torch.arange(n) + 100 * rank, torch.full((n,), float(rank)), torch.ones(n, 2) * rank])
-    torch.save({"table": cb.table.state_dict(), "rank": rank, "uneven": uneven,
+    # exactness of the DDP reduction with uneven shards: rank 0 holds 3 samples, rank 1 holds 5; the
+    # rank-averaged gradient (what DDP does) must equal the single-process weighted-mean gradient
+    grad_err = None
+    if is_distributed():
+        import torch.distributed as dist
+
+        probe = Tiny()
+        probe._trainer = trainer
+        trainer.training = True
+        gx = torch.randn(8, 4, generator=torch.Generator().manual_seed(5))
+        gy = torch.arange(8) % 3
+        gi = torch.arange(8) + 10
+        part = slice(0, 3) if rank == 0 else slice(3, 8)
+        losses = F.cross_entropy(probe.net(gx[part]), gy[part], reduction="none")
+        loss = reduce_loss(probe, losses, gi[part])
+        grads = torch.autograd.grad(loss, list(probe.net.parameters()))
+        grads = [g.clone() for g in grads]
+        for g_ in grads:
+            dist.all_reduce(g_)
+            g_ /= dist.get_world_size()
+        full = F.cross_entropy(probe.net(gx), gy, reduction="none")
+        w = cb.rule(full.detach())
+        ref = torch.autograd.grad((w * full).mean(), list(probe.net.parameters()))
+        grad_err = max(float((a - b).abs().max()) for a, b in zip(grads, ref))
+    torch.save({"table": cb.table.state_dict(), "rank": rank, "uneven": uneven, "grad_err": grad_err,
                 "weight": trainer.lightning_module.net.weight.detach()}, out / f"rank{rank}.pt")
