@@ -1,0 +1,100 @@
+"""Shared plumbing of the group-fairness callbacks (FEBS, GroupDRO): group info and logging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
+from lightning_reweight.callbacks.logging import log_weight_stats
+from lightning_reweight.rules.fairness import check_groups
+
+
+def train_dataset_groups(trainer: pl.Trainer | None) -> Tensor | None:
+    """Per-sample group ids of the Trainer's training data set (``IndexedDataset(groups=...)``), if any."""
+    if trainer is None:
+        return None
+    loader = getattr(trainer, "train_dataloader", None)
+    loaders = loader.values() if isinstance(loader, dict) else loader if isinstance(loader, (list, tuple)) else [loader]
+    for dl in loaders:
+        dataset = getattr(dl, "dataset", None)
+        groups = getattr(dataset, "groups", None)
+        if isinstance(groups, Tensor) and groups.ndim == 1:
+            return groups.long()
+    return None
+
+
+class GroupCallback(WeightingCallback):
+    """A ``WeightingCallback`` that needs group ids: resolves ``num_groups``, validates ids, logs group stats."""
+
+    def __init__(self, num_groups: int | None, ignore_index: int | None, log_every_n_steps: int,
+                 log_histogram: bool, name: str | None):
+        super().__init__(track_samples=False, log_every_n_steps=log_every_n_steps, log_histogram=log_histogram,
+                         name=name)
+        if num_groups is not None and (not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1):
+            raise ValueError(f"Expected argument `num_groups` to be a positive int or None, but got {num_groups!r}.")
+        if ignore_index is not None and (not isinstance(ignore_index, int) or ignore_index >= 0):
+            raise ValueError(f"Expected argument `ignore_index` to be a negative int or None, but got {ignore_index!r}.")
+        self.num_groups = num_groups
+        self.ignore_index = ignore_index
+        self._train_groups: Tensor | None = None
+
+    # ---------------------------------------------------------------- groups
+    def resolve_num_groups(self, trainer: pl.Trainer | None) -> int:
+        """``num_groups`` as given, else from the training data set's group ids."""
+        if self.num_groups is None:
+            groups = train_dataset_groups(trainer)
+            valid = groups[groups >= 0] if groups is not None else None
+            if valid is None or valid.numel() == 0:
+                raise RuntimeError(
+                    f"{type(self).__name__} could not infer the number of groups: the train dataloader's data set "
+                    "has no `groups`. Pass `num_groups=` or wrap the data set in "
+                    "`IndexedDataset(dataset, groups=group_ids)`."
+                )
+            self.num_groups = int(valid.max()) + 1
+        return self.num_groups
+
+    def train_group_counts(self, trainer: pl.Trainer | None) -> Tensor | None:
+        """Training-set sample count per group (from the data set's group ids), or ``None``."""
+        groups = train_dataset_groups(trainer)
+        if groups is None or self.num_groups is None:
+            return None
+        valid = groups[groups >= 0]
+        if valid.numel() and int(valid.max()) >= self.num_groups:
+            raise ValueError(
+                f"The training data set holds group id {int(valid.max())}, but {type(self).__name__} has "
+                f"num_groups={self.num_groups}. Pass `num_groups={int(valid.max()) + 1}`."
+            )
+        return torch.bincount(valid, minlength=self.num_groups)
+
+    def setup_groups(self, trainer: pl.Trainer | None) -> None:  # pragma: no cover - subclass hook
+        """Allocate the per-group state on first use."""
+
+    def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        super().validate_batch(batch, trainer)
+        if batch.group is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a group id per sample, but `reduce_loss` got none. Pass them: "
+                "`reduce_loss(self, losses, index, group=group)` (an `IndexedDataset(ds, groups=...)` adds "
+                "`group` to each batch)."
+            )
+        self.setup_groups(trainer)
+        check_groups(batch.group, self.num_groups, self.ignore_index)
+
+    # ---------------------------------------------------------------- logging
+    def group_scalars(self) -> dict[str, float]:
+        """Per-group scalars logged next to the weight statistics (``{"q/group_0": ...}``)."""
+        return {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._last is None:
+            return
+        gbatch, weights = self._last
+        self._last = None
+        if self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0:
+            log_weight_stats(trainer, pl_module, self.prefix, weights, gbatch.group, histogram=self.log_histogram,
+                             extra=self.group_scalars())

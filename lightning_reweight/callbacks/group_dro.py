@@ -1,0 +1,146 @@
+"""``GroupDRO``: online group distributionally robust optimisation as a weighting callback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_reweight.callbacks._groups import GroupCallback
+from lightning_reweight.callbacks.base import GlobalBatch
+from lightning_reweight.rules.fairness import (
+    dro_adjustment,
+    group_dro_sample_weights,
+    group_dro_update,
+    group_means,
+)
+
+__all__ = ["GroupDRO"]
+
+
+class GroupDRO(GroupCallback):
+    """Group DRO ("Distributionally Robust Neural Networks for Group Shifts", Sagawa et al., ICLR 2020).
+
+    Keeps group weights ``q`` (uniform at start). Each training step, from the *global* batch (all DDP ranks,
+    so ``q`` is identical everywhere):
+
+    1. ``ℓ_g`` = mean loss of group g in the batch (0 if absent);
+    2. ``q ← q·exp(η·(ℓ_g + C_g/√n_g)) / Σ`` (``n_g`` = training-set count of group g);
+    3. *then* the loss of the same step uses the updated ``q`` (official order):
+       per-sample weights ``w_i = q_{g_i}·B/n_{g_i}^batch``, so ``(1/B) Σ_i w_i ℓ_i = Σ_g q_g ℓ̄_g``.
+
+    Absent groups get ``exp(0)`` and decay relative to the others, as in the official code. The weights are
+    not renormalised (``normalized = False``): they average ``Σ_{g present} q_g``, which makes the loss exactly
+    the GroupDRO objective. Samples with ``ignore_index`` get weight 0 (they belong to no group).
+
+    Defaults from the paper's code (``kohpangwei/group_DRO``): η = 0.01 (``--robust_step_size``), C = 0.
+    Ours: ``adjustment`` applies per group (the official code applies it only if *every* ``C_g > 0``; mixed
+    zeros warn). The paper's runs also sample groups uniformly (``--reweight_groups``); pair this callback
+    with a group-balanced sampler to reproduce them.
+
+    Args:
+        num_groups: G; inferred from the training data set's ``groups`` (``IndexedDataset``) when ``None``.
+        step_size: η of the exponentiated-gradient step.
+        adjustment: generalisation adjustment C (one number or one per group); 0/``None`` disables it.
+        group_counts: training-set count per group for the adjustment (inferred from the data set if ``None``).
+        ignore_index: group id of samples outside every group.
+        log_every_n_steps: how often ``group_dro/q/group_g``, ``group_dro/loss/group_g`` and weight stats are logged.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GroupDRO(step_size=0.01)])
+        # training_step: return reduce_loss(self, losses, index, group=group)
+    """
+
+    normalized = False
+    log_prefix = "group_dro"
+
+    def __init__(
+        self,
+        num_groups: int | None = None,
+        step_size: float = 0.01,
+        adjustment: float | Sequence[float] | None = None,
+        group_counts: Sequence[int] | None = None,
+        ignore_index: int | None = -1,
+        log_every_n_steps: int = 50,
+        log_histogram: bool = True,
+        name: str | None = None,
+    ):
+        super().__init__(num_groups, ignore_index, log_every_n_steps, log_histogram, name)
+        if not isinstance(step_size, (int, float)) or not math.isfinite(step_size) or step_size <= 0:
+            raise ValueError(f"Expected argument `step_size` to be a positive finite number, but got {step_size!r}.")
+        if adjustment is not None:
+            c = torch.as_tensor(adjustment, dtype=torch.float64).flatten()
+            if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+                raise ValueError(f"Expected argument `adjustment` to be finite and >= 0, but got {adjustment!r}.")
+            if num_groups is not None and c.numel() not in (1, num_groups):
+                raise ValueError(
+                    f"Expected argument `adjustment` to be one number or {num_groups} numbers, but got {c.numel()}."
+                )
+            if bool((c > 0).any()) and bool((c == 0).any()):
+                rank_zero_warn(
+                    f"GroupDRO adjustment {c.tolist()} mixes zeros and positive values: it is applied to the "
+                    "groups with C_g > 0 only (the official code would silently disable it for all groups)."
+                )
+        self.step_size = float(step_size)
+        self.adjustment = adjustment
+        self.group_counts = list(group_counts) if group_counts is not None else None
+        self.q: Tensor | None = None
+        self.steps = 0
+        self._adj: Tensor | None = None
+        self._last_group_loss: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def setup_groups(self, trainer: pl.Trainer | None) -> None:
+        if self.q is not None and self.num_groups is None:
+            self.num_groups = self.q.numel()
+        num_groups = self.resolve_num_groups(trainer)
+        if self.q is None:
+            self.q = torch.full((num_groups,), 1.0 / num_groups, dtype=torch.float64)
+        elif self.q.numel() != num_groups:
+            raise ValueError(f"The restored GroupDRO q has {self.q.numel()} groups but num_groups={num_groups}.")
+        if self._adj is None:
+            counts = self.group_counts
+            if counts is None and self.adjustment is not None:
+                counts = self.train_group_counts(trainer)
+            self._adj = dro_adjustment(self.adjustment, counts, num_groups)
+
+    def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+        assert self.q is not None and self.num_groups is not None and batch.group is not None
+        group = batch.group.long()
+        group_loss, counts = group_means(batch.losses.double(), group, self.num_groups, self.ignore_index)
+        self.q = group_dro_update(self.q, group_loss, self.step_size, self._adj)  # update, then the loss
+        self.steps += 1
+        self._last_group_loss = (group_loss, counts)
+        return group_dro_sample_weights(self.q, group, self.num_groups, self.ignore_index)
+
+    def group_scalars(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.q is not None:
+            out.update({f"q/group_{g}": float(v) for g, v in enumerate(self.q.tolist())})
+        if self._last_group_loss is not None:
+            loss, counts = self._last_group_loss
+            out.update({f"loss/group_{g}": float(loss[g]) for g in counts.nonzero().flatten().tolist()})
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"q": None if self.q is None else self.q.clone(), "steps": self.steps}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        q = state.get("q")
+        if q is not None:
+            q = torch.as_tensor(q, dtype=torch.float64)
+            if self.num_groups is not None and q.numel() != self.num_groups:
+                raise ValueError(
+                    f"The checkpoint's GroupDRO q has {q.numel()} groups but this callback has num_groups={self.num_groups}."
+                )
+            self.q = q
+        self.steps = int(state.get("steps", 0))

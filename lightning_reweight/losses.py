@@ -1,0 +1,140 @@
+"""Loss modules that need per-group state: ``FEBSDiceLoss`` (FairSeg's fair error-bound scaled Dice)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_reweight.distributed import is_distributed
+from lightning_reweight.rules.fairness import (
+    _dice_errors_from_group_sums,
+    check_groups,
+    febs_group_scales,
+    group_sums,
+    sample_scales,
+    scaled_dice_loss,
+    soft_dice_stats,
+    update_group_errors,
+)
+
+__all__ = ["FEBSDiceLoss"]
+
+
+class FEBSDiceLoss(nn.Module):
+    """Fair Error-Bound Scaling Dice loss ("FairSeg", Tian et al., ICLR 2024).
+
+    Per batch, each group g present gets the error bound ``L_g = Σ_c (1 − Dice_c)`` over the pooled pixels
+    of its samples (squared-denominator soft Dice, smooth 1e-5) and the scale
+    ``w_g = tanh((min_h L_h / L_g)^γ)`` (γ = 1). Each sample's class probabilities are multiplied by
+    ``w_{g_i}`` inside the soft Dice loss (not the loss itself), which raises the harder groups' Dice loss.
+    The paper combines it with cross-entropy: SAMed ``0.2·CE + 0.8·FEBS-Dice``, TransUNet ``0.5/0.5``.
+
+    State (module buffers, so they are saved in the model checkpoint): ``group_error`` (running ``L_g``),
+    ``group_seen``, ``last_scale``. Under DDP the per-group Dice sums (``G × C × 3`` numbers) are all-reduced
+    before the errors are formed, so every rank holds the same errors and scales (``sync_dist=True``).
+
+    Ours (documented fixes of the official code): the min runs over groups present in the batch (the official
+    code takes it over all groups, so one absent group makes every scale 0 and the loss ≈ 1 with no
+    gradient — FairSeg issue #9); ids are validated; ``ignore_index`` samples stay out of the group errors
+    and are left unscaled. ``momentum < 1`` smooths ``L_g`` with an exponential moving average (ours; 1 =
+    the paper's per-batch rule).
+
+    Args:
+        num_groups: G; ids in ``[0, G)`` or ``ignore_index``.
+        gamma: γ of the scaling.
+        smooth: Dice smoothing constant.
+        momentum: weight of the current batch in the running group errors (1 = per batch, the paper).
+        ignore_index: group id of unknown samples.
+        from_logits: apply softmax (``C > 1``) or sigmoid (``C = 1``, expanded to background/foreground).
+        class_weights: per-class multipliers of the Dice terms (default all 1).
+        reduction: ``"batch"`` (pooled pixels, a scalar, as the paper) or ``"none"`` (one loss per image, for
+            ``reduce_loss``).
+        sync_dist: all-reduce the group statistics across DDP ranks.
+
+    Example::
+
+        self.dice = FEBSDiceLoss(num_groups=3)
+        loss = 0.5 * F.cross_entropy(logits, masks) + 0.5 * self.dice(logits, masks, group)
+    """
+
+    group_error: Tensor
+    group_seen: Tensor
+    last_scale: Tensor
+
+    def __init__(
+        self, num_groups: int, gamma: float = 1.0, smooth: float = 1e-5, momentum: float = 1.0,
+        ignore_index: int | None = -1, from_logits: bool = True, class_weights: Sequence[float] | None = None,
+        reduction: Literal["batch", "none"] = "batch", sync_dist: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+            raise ValueError(f"Expected argument `num_groups` to be a positive int, but got {num_groups!r}.")
+        if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
+            raise ValueError(f"Expected argument `gamma` to be a positive finite number, but got {gamma!r}.")
+        if not isinstance(smooth, (int, float)) or smooth < 0:
+            raise ValueError(f"Expected argument `smooth` to be >= 0, but got {smooth!r}.")
+        if not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+            raise ValueError(f"Expected argument `momentum` to be in (0, 1], but got {momentum!r}.")
+        if reduction not in ("batch", "none"):
+            raise ValueError(f"Expected argument `reduction` to be 'batch' or 'none', but got {reduction!r}.")
+        self.num_groups, self.gamma, self.smooth, self.momentum = num_groups, float(gamma), float(smooth), float(momentum)
+        self.ignore_index, self.from_logits, self.reduction, self.sync_dist = ignore_index, from_logits, reduction, sync_dist
+        self.class_weights = list(class_weights) if class_weights is not None else None
+        self.register_buffer("group_error", torch.zeros(num_groups, dtype=torch.float64))
+        self.register_buffer("group_seen", torch.zeros(num_groups, dtype=torch.bool))
+        self.register_buffer("last_scale", torch.ones(num_groups, dtype=torch.float64))
+
+    def _probs_and_target(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        if logits.ndim < 3:
+            raise ValueError(f"Expected argument `logits` of shape (B, C, H, W, ...), but got {tuple(logits.shape)}.")
+        if target.ndim == logits.ndim and target.shape[1] == 1:
+            target = target[:, 0]
+        if target.is_floating_point():
+            target = target.round()
+        target = target.long()
+        if logits.shape[1] == 1:
+            p = logits[:, 0].sigmoid() if self.from_logits else logits[:, 0]
+            return torch.stack([1 - p, p], dim=1), target
+        return (F.softmax(logits, dim=1) if self.from_logits else logits), target
+
+    def forward(self, logits: Tensor, target: Tensor, group: Tensor | None) -> Tensor:
+        """FEBS-Dice of one batch: ``logits`` ``(B, C, *S)`` (or ``(B, 1, *S)`` binary), ``target`` labels
+        ``(B, *S)`` (or a ``(B, 1, *S)`` mask), ``group`` ``(B,)``."""
+        if group is None:
+            raise ValueError(
+                "FEBSDiceLoss needs a group id per sample, but got none. Use a data set with groups "
+                "(`IndexedDataset(ds, groups=...)`, e.g. PH2DataModule) and pass `group` to the loss."
+            )
+        probs, target = self._probs_and_target(logits, target)
+        group = check_groups(torch.as_tensor(group, device=probs.device), self.num_groups, self.ignore_index)
+        if group.shape[0] != probs.shape[0]:
+            raise ValueError(f"Expected one group id per sample ({probs.shape[0]}), but got {group.shape[0]}.")
+        inter, z, y = soft_dice_stats(probs, target)
+        sums, counts = group_sums(torch.stack([inter, z, y], dim=-1).detach().double(), group, self.num_groups,
+                                  self.ignore_index)
+        if self.sync_dist and is_distributed():
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        present = counts > 0
+        batch_error = _dice_errors_from_group_sums(sums, self.smooth) * present
+        if self.training:
+            error, seen = update_group_errors(self.group_error, self.group_seen, batch_error, present, self.momentum)
+            self.group_error.copy_(error)
+            self.group_seen.copy_(seen)
+            scales = febs_group_scales(self.group_error, present, self.gamma)
+            self.last_scale.copy_(scales)
+        else:  # evaluation: no state change; use the running errors when there are some
+            error = torch.where(self.group_seen, self.group_error, batch_error)
+            scales = febs_group_scales(error, present, self.gamma)
+        s = sample_scales(scales.to(probs.device), group, self.ignore_index)
+        return scaled_dice_loss(inter, z, y, s, self.smooth, self.class_weights, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_groups={self.num_groups}, gamma={self.gamma}, momentum={self.momentum}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")

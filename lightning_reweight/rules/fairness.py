@@ -1,0 +1,358 @@
+"""Group-fairness kernels: FEBS (FairSeg) and GroupDRO (pure functions, no Lightning).
+
+Sources (equations and defaults, see ``../shared/METHODS.md`` §8-§9):
+
+* "FairSeg: A Large-Scale Medical Image Segmentation Dataset for Fairness Learning Using Segment Anything
+  Model with Fair Error-Bound Scaling" (Tian et al., ICLR 2024). Each group g present in the batch gets an
+  error bound ``L_g`` (segmentation: ``Σ_c`` soft-Dice loss over the pooled pixels of g's samples) and the
+  scale ``w_g = tanh((min_h L_h / L_g)^γ)``, γ = 1: the easiest group gets ``tanh(1) ≈ 0.76``, harder
+  groups less. FEBS-Dice multiplies ``w_g`` into each sample's *probabilities* inside the soft Dice loss.
+  Ours (documented fixes): the min runs over groups *present* in the batch (the official code takes it over
+  a zero-initialised array of all groups, so one absent group zeroes every weight), group ids are
+  validated, and ``ignore_index`` (−1, "unknown") samples are left out of the group statistics and left
+  unscaled (the official code wraps −1 to the last group).
+* "Distributionally Robust Neural Networks for Group Shifts" (Sagawa et al., ICLR 2020): online
+  exponentiated-gradient group weights ``q ← q·exp(η·ℓ_g)``, renormalised, η = 0.01, with the optional
+  generalisation adjustment ``ℓ_g + C_g/√n_g`` (``n_g`` = training-set counts). The update comes *before*
+  the loss of the same step (official order). Ours: the adjustment is applied per group (the official code
+  applies it only when every ``C_g > 0``).
+
+All functions are vectorised over samples (``index_add`` / ``bincount``); loops run over groups or classes
+only where stated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "check_groups",
+    "group_sums",
+    "group_means",
+    "update_group_errors",
+    "febs_group_scales",
+    "febs_loss_multipliers",
+    "soft_dice_stats",
+    "group_dice_errors",
+    "scaled_dice_loss",
+    "febs_dice_loss",
+    "dro_adjustment",
+    "group_dro_update",
+    "group_dro_sample_weights",
+    "sample_scales",
+]
+
+
+# ---------------------------------------------------------------------------------------------- groups
+def check_groups(group: Tensor, num_groups: int, ignore_index: int | None = -1, name: str = "group") -> Tensor:
+    """Validate per-sample group ids and return them as int64.
+
+    Valid ids are ``0 .. num_groups − 1`` and ``ignore_index`` (when not ``None``).
+
+    Raises:
+        TypeError: ``group`` is not an integer tensor.
+        ValueError: ``group`` is not 1-D, or holds an id outside the valid set (the message lists them and
+            the fix).
+    """
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"Expected argument `num_groups` to be a positive int, but got {num_groups!r}.")
+    if not isinstance(group, Tensor):
+        raise TypeError(f"Expected argument `{name}` to be a torch.Tensor of group ids, but got {type(group).__name__}.")
+    if group.is_floating_point() or group.is_complex() or group.dtype == torch.bool:
+        raise TypeError(f"Expected argument `{name}` to hold integer group ids, but got dtype {group.dtype}.")
+    if group.ndim != 1:
+        raise ValueError(f"Expected argument `{name}` to be 1-D (one id per sample), but got shape {tuple(group.shape)}.")
+    group = group.long()
+    bad = (group < 0) | (group >= num_groups)
+    if ignore_index is not None:
+        bad &= group != ignore_index
+    if bool(bad.any()):
+        values = torch.unique(group[bad])[:5].tolist()
+        allowed = f"[0, {num_groups})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(
+            f"Expected argument `{name}` to hold ids in {allowed}, but got {values}. Set `num_groups` to the "
+            "number of groups in the data set (max id + 1) and mark unknown groups with the ignore_index."
+        )
+    return group
+
+
+def group_sums(
+    values: Tensor, group: Tensor, num_groups: int, ignore_index: int | None = -1
+) -> tuple[Tensor, Tensor]:
+    """Per-group sums of ``values`` along dim 0 and per-group counts (``ignore_index`` rows excluded).
+
+    Args:
+        values: ``(B, ...)`` per-sample values.
+        group: ``(B,)`` int64 ids (already validated).
+
+    Returns:
+        ``sums`` of shape ``(num_groups, ...)`` and ``counts`` of shape ``(num_groups,)`` (int64).
+    """
+    if ignore_index is not None:
+        keep = group != ignore_index
+        values, group = values[keep], group[keep]
+    sums = values.new_zeros((num_groups, *values.shape[1:])).index_add_(0, group, values)
+    counts = torch.bincount(group, minlength=num_groups)
+    return sums, counts
+
+
+def group_means(
+    values: Tensor, group: Tensor, num_groups: int, ignore_index: int | None = -1
+) -> tuple[Tensor, Tensor]:
+    """Per-group means (0 for groups absent from the batch, as the official GroupDRO code) and counts."""
+    sums, counts = group_sums(values, group, num_groups, ignore_index)
+    denom = counts.clamp_min(1).to(sums.dtype).reshape(-1, *([1] * (sums.ndim - 1)))
+    return sums / denom, counts
+
+
+def update_group_errors(
+    errors: Tensor, seen: Tensor, batch_errors: Tensor, present: Tensor, momentum: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Running per-group errors: ``e_g ← (1 − m)·e_g + m·e_g^batch`` for groups present in the batch.
+
+    A group's first observation sets its value; absent groups keep theirs. ``momentum = 1`` keeps only the
+    current batch (FairSeg's per-batch rule). Returns new ``(errors, seen)`` tensors.
+    """
+    batch_errors = batch_errors.to(errors.dtype)
+    blended = torch.where(seen, (1 - momentum) * errors + momentum * batch_errors, batch_errors)
+    return torch.where(present, blended, errors), seen | present
+
+
+# ------------------------------------------------------------------------------------------------ FEBS
+def febs_group_scales(errors: Tensor, present: Tensor, gamma: float = 1.0, eps: float = 1e-12) -> Tensor:
+    """FEBS scales ``w_g = tanh((min_{h present} L_h / L_g)^γ)`` for present groups, 1 for absent ones.
+
+    The min runs over the groups present in the batch only (ours; see the module docstring). A group with
+    error 0 gets ratio 1 (it is the easiest). ``eps`` guards the division.
+    """
+    errors = errors.detach().double()
+    if not bool(present.any()):
+        return torch.ones_like(errors)
+    lo = errors[present].min()
+    ratio = torch.where(errors > eps, lo / errors.clamp_min(eps), torch.ones_like(errors))
+    scales = torch.tanh(ratio.clamp_min(0) ** gamma)
+    return torch.where(present, scales, torch.ones_like(scales))
+
+
+def febs_loss_multipliers(
+    scales: Tensor, group: Tensor, ignore_index: int | None = -1, min_scale: float = 1e-6
+) -> Tensor:
+    """Per-sample loss multipliers for classification: ``m_i ∝ 1/w_{g_i}``, mean 1 over grouped samples.
+
+    This is our generalisation of FEBS to losses without a Dice term (scaling a probability inside
+    cross-entropy only adds a constant, and ``w_g`` used directly would down-weight the hard groups).
+    Samples with ``ignore_index`` keep multiplier 1, so the batch mean stays exactly 1. Scales are floored at
+    ``min_scale`` to keep the multipliers finite.
+    """
+    m = torch.ones(group.shape[0], dtype=torch.float32, device=group.device)
+    keep = group != ignore_index if ignore_index is not None else torch.ones_like(group, dtype=torch.bool)
+    if not bool(keep.any()):
+        return m
+    inv = 1.0 / scales.to(group.device).double().clamp_min(min_scale)
+    raw = inv[group[keep]]
+    m[keep] = (raw / raw.mean()).float()
+    return m
+
+
+def _one_hot_target(target: Tensor, num_classes: int) -> Tensor:
+    """``(B, *)`` integer labels -> ``(B, C, *)`` float one-hot."""
+    if target.is_floating_point():
+        raise TypeError(f"Expected argument `target` to hold integer class ids, but got dtype {target.dtype}.")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(
+            f"Expected argument `target` to hold class ids in [0, {num_classes}), but got values in "
+            f"[{int(target.min())}, {int(target.max())}]."
+        )
+    return F.one_hot(target.long(), num_classes).movedim(-1, 1).float()
+
+
+def soft_dice_stats(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample, per-class soft-Dice sums over the spatial dims.
+
+    Args:
+        probs: ``(B, C, *spatial)`` class probabilities.
+        target: ``(B, *spatial)`` integer labels or ``(B, C, *spatial)`` one-hot.
+
+    Returns:
+        ``(I, Z, Y)`` each ``(B, C)``: ``I = Σ p·t``, ``Z = Σ p²``, ``Y = Σ t²`` (squared-denominator Dice).
+    """
+    if probs.ndim < 2:
+        raise ValueError(f"Expected argument `probs` to have shape (B, C, ...), but got {tuple(probs.shape)}.")
+    if target.shape != probs.shape:
+        target = _one_hot_target(target, probs.shape[1])
+        if target.shape != probs.shape:
+            raise ValueError(
+                f"Expected `target` of shape {tuple(probs.shape[:1] + probs.shape[2:])} (labels) or "
+                f"{tuple(probs.shape)} (one-hot), but got {tuple(target.shape)}."
+            )
+    target = target.to(probs.dtype)
+    dims = tuple(range(2, probs.ndim))
+    return (probs * target).sum(dims), (probs * probs).sum(dims), (target * target).sum(dims)
+
+
+def _dice_loss_from_stats(inter: Tensor, z: Tensor, y: Tensor, smooth: float) -> Tensor:
+    return 1 - (2 * inter + smooth) / (z + y + smooth)
+
+
+def group_dice_errors(
+    inter: Tensor, z: Tensor, y: Tensor, group: Tensor, num_groups: int, smooth: float = 1e-5,
+    ignore_index: int | None = -1,
+) -> tuple[Tensor, Tensor]:
+    """FairSeg's group error bound ``L_g = Σ_c (1 − Dice_c)`` over the pooled pixels of g's samples.
+
+    Args:
+        inter, z, y: ``(B, C)`` statistics from :func:`soft_dice_stats` (detached here).
+        group: ``(B,)`` validated group ids.
+
+    Returns:
+        ``(L, counts)``: ``(num_groups,)`` errors (0 for absent groups) and sample counts.
+    """
+    stats = torch.stack([inter, z, y], dim=-1).detach()  # (B, C, 3)
+    sums, counts = group_sums(stats, group, num_groups, ignore_index)
+    return _dice_errors_from_group_sums(sums, smooth) * (counts > 0), counts
+
+
+def _dice_errors_from_group_sums(sums: Tensor, smooth: float) -> Tensor:
+    """``(G, C, 3)`` pooled ``(I, Z, Y)`` sums -> ``(G,)`` summed per-class Dice losses."""
+    return _dice_loss_from_stats(sums[..., 0], sums[..., 1], sums[..., 2], smooth).sum(-1)
+
+
+def scaled_dice_loss(
+    inter: Tensor, z: Tensor, y: Tensor, sample_scale: Tensor | None = None, smooth: float = 1e-5,
+    class_weights: Sequence[float] | Tensor | None = None, reduction: str = "batch",
+) -> Tensor:
+    """Soft Dice loss with each sample's probabilities multiplied by ``sample_scale`` (FEBS-Dice).
+
+    Scaling ``p → s·p`` turns ``I → s·I`` and ``Z → s²·Z``, so the scaled loss is computed from the
+    per-sample statistics without touching the pixels again.
+
+    Args:
+        reduction: ``"batch"`` pools the pixels of the whole batch per class (FairSeg and TransUNet),
+            returning a scalar ``Σ_c k_c (1 − Dice_c) / C``; ``"none"`` returns one such loss per sample
+            ``(B,)`` (for the per-sample loss contract).
+    """
+    if sample_scale is not None:
+        s = sample_scale.to(inter.dtype).reshape(-1, 1)
+        inter, z = inter * s, z * s * s
+    if reduction == "batch":
+        inter, z, y = inter.sum(0), z.sum(0), y.sum(0)
+    elif reduction != "none":
+        raise ValueError(f"Expected argument `reduction` to be 'batch' or 'none', but got {reduction!r}.")
+    per_class = _dice_loss_from_stats(inter, z, y, smooth)
+    num_classes = per_class.shape[-1]
+    if class_weights is not None:
+        k = torch.as_tensor(class_weights, dtype=per_class.dtype, device=per_class.device)
+        if k.shape != (num_classes,):
+            raise ValueError(
+                f"Expected argument `class_weights` to have {num_classes} entries, but got shape {tuple(k.shape)}."
+            )
+        per_class = per_class * k
+    return per_class.sum(-1) / num_classes
+
+
+def febs_dice_loss(
+    probs: Tensor, target: Tensor, group: Tensor, num_groups: int, gamma: float = 1.0, smooth: float = 1e-5,
+    ignore_index: int | None = -1, class_weights: Sequence[float] | Tensor | None = None,
+    reduction: str = "batch",
+) -> Tensor:
+    """FairSeg's FEBS-Dice loss for one batch (the functional form; no running state, no DDP sync).
+
+    ``L_g`` from the batch (pooled pixels per group), ``w_g = tanh((min L / L_g)^γ)``, each sample's
+    probabilities multiplied by ``w_{g_i}`` (``ignore_index`` samples by 1), then soft Dice.
+
+    Args:
+        probs: ``(B, C, *spatial)`` softmax probabilities (include the background channel, as the paper).
+        target: ``(B, *spatial)`` labels or one-hot ``(B, C, *spatial)``.
+        group: ``(B,)`` group ids.
+    """
+    group = check_groups(group, num_groups, ignore_index)
+    if group.shape[0] != probs.shape[0]:
+        raise ValueError(f"Expected one group id per sample ({probs.shape[0]}), but got {group.shape[0]}.")
+    inter, z, y = soft_dice_stats(probs, target)
+    errors, counts = group_dice_errors(inter, z, y, group, num_groups, smooth, ignore_index)
+    scales = febs_group_scales(errors, counts > 0, gamma)
+    sample_scale = sample_scales(scales, group, ignore_index)
+    return scaled_dice_loss(inter, z, y, sample_scale, smooth, class_weights, reduction)
+
+
+def sample_scales(scales: Tensor, group: Tensor, ignore_index: int | None = -1) -> Tensor:
+    """Each sample's group scale (1 for ``ignore_index`` samples)."""
+    s = scales.to(group.device)
+    if ignore_index is None:
+        return s[group]
+    return torch.where(group == ignore_index, torch.ones((), dtype=s.dtype, device=s.device), s[group.clamp_min(0)])
+
+
+# -------------------------------------------------------------------------------------------- GroupDRO
+def dro_adjustment(
+    adjustment: float | Sequence[float] | Tensor | None, group_counts: Tensor | Sequence[int] | None, num_groups: int
+) -> Tensor:
+    """The generalisation adjustment ``C_g / √n_g`` per group (0 where ``C_g = 0``).
+
+    Args:
+        adjustment: ``C`` (one number for all groups, or one per group); ``None``/0 disables it.
+        group_counts: training-set sample count per group (needed when any ``C_g > 0``).
+
+    Raises:
+        ValueError: negative ``C``, wrong length, or a group with ``C_g > 0`` and no training samples.
+    """
+    if adjustment is None:
+        return torch.zeros(num_groups, dtype=torch.float64)
+    c = torch.as_tensor(adjustment, dtype=torch.float64).flatten()
+    if c.numel() == 1:
+        c = c.expand(num_groups).clone()
+    if c.numel() != num_groups:
+        raise ValueError(
+            f"Expected argument `adjustment` to be one number or {num_groups} numbers (one per group), but got {c.numel()}."
+        )
+    if bool((c < 0).any()) or not bool(torch.isfinite(c).all()):
+        raise ValueError(f"Expected argument `adjustment` to be finite and ≥ 0, but got {c.tolist()}.")
+    if not bool((c > 0).any()):
+        return torch.zeros(num_groups, dtype=torch.float64)
+    if group_counts is None:
+        raise ValueError("The GroupDRO adjustment C/√n_g needs the training-set group counts `group_counts`.")
+    n = torch.as_tensor(group_counts, dtype=torch.float64).flatten()
+    if n.numel() != num_groups:
+        raise ValueError(f"Expected argument `group_counts` to have {num_groups} entries, but got {n.numel()}.")
+    if bool(((c > 0) & (n <= 0)).any()):
+        raise ValueError(
+            f"Expected every group with adjustment C_g > 0 to have training samples, but got counts {n.tolist()}."
+        )
+    return torch.where(c > 0, c / n.clamp_min(1).sqrt(), torch.zeros_like(c))
+
+
+def group_dro_update(q: Tensor, group_losses: Tensor, step_size: float = 0.01, adjustment: Tensor | None = None) -> Tensor:
+    """One exponentiated-gradient step ``q ← q·exp(η·(ℓ_g + adj_g)) / Σ``.
+
+    ``group_losses`` holds 0 for groups absent from the batch (official code), so their ``q`` decays
+    relative to the others. Computed in log space for stability.
+    """
+    adjusted = group_losses.to(torch.float64)
+    if adjustment is not None:
+        adjusted = adjusted + adjustment.to(adjusted)
+    logits = torch.log(q.to(torch.float64)) + step_size * adjusted
+    return torch.softmax(logits, dim=0)
+
+
+def group_dro_sample_weights(
+    q: Tensor, group: Tensor, num_groups: int, ignore_index: int | None = -1
+) -> Tensor:
+    """Per-sample weights ``w_i = q_{g_i}·B / n_{g_i}`` (``n_g`` = count of group g in this batch).
+
+    Derivation: with ``ℓ̄_g = (1/n_g) Σ_{i∈g} ℓ_i``,
+    ``(1/B) Σ_i w_i ℓ_i = (1/B) Σ_g (q_g B / n_g) Σ_{i∈g} ℓ_i = Σ_g q_g ℓ̄_g`` — the GroupDRO objective
+    (absent groups contribute 0, as the official code). ``ignore_index`` samples get weight 0 (they belong
+    to no group of the objective). The weights average ``Σ_{g present} q_g ≤ 1``, not 1.
+    """
+    b = group.shape[0]
+    counts = torch.bincount(group[group != ignore_index] if ignore_index is not None else group, minlength=num_groups)
+    per_group = q.to(torch.float64).to(group.device) * b / counts.clamp_min(1).to(torch.float64)
+    w = per_group[group.clamp_min(0)]
+    if ignore_index is not None:
+        w = torch.where(group == ignore_index, torch.zeros_like(w), w)
+    return w.float()
+
