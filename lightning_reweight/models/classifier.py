@@ -106,19 +106,19 @@ class ImageClassifier(pl.LightningModule):
         for m in metrics.values():
             m.reset()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end(self.val_metrics, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_metrics, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = unpack_batch(batch)[0] if isinstance(batch, (dict, tuple, list)) else batch
         return self(x).softmax(-1)
 
