@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
-from lightning_reweight.callbacks.logging import log_weight_stats
 from lightning_reweight.rules.fairness import check_groups
 
 
@@ -85,16 +82,6 @@ class GroupCallback(WeightingCallback):
         check_groups(batch.group, self.num_groups, self.ignore_index)
 
     # ---------------------------------------------------------------- logging
-    def group_scalars(self) -> dict[str, float]:
+    def log_extras(self) -> dict[str, float]:
         """Per-group scalars logged next to the weight statistics (``{"q/group_0": ...}``)."""
         return {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._last is None:
-            return
-        gbatch, weights = self._last
-        self._last = None
-        if self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0:
-            log_weight_stats(trainer, pl_module, self.prefix, weights, gbatch.group, histogram=self.log_histogram,
-                             extra=self.group_scalars())

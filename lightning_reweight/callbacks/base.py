@@ -6,14 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_reweight.callbacks.logging import log_weight_stats
 from lightning_reweight.state.table import Column, SampleStateTable
-
 
 
 @dataclass
@@ -133,6 +131,10 @@ class WeightingCallback(Callback):
             self.table.update(batch.index, loss=batch.losses, ema_loss=batch.losses, weight=weights)
         self._last = (batch, weights)
 
+    def log_extras(self) -> dict[str, float]:
+        """Method-specific scalars logged next to the weight statistics (e.g. ``{"q/group_0": 0.4}``)."""
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """Anything besides the table that a resume needs."""
         return {}
@@ -182,7 +184,7 @@ class WeightingCallback(Callback):
         # global_step already advanced for this batch; log on the step that produced the weights
         if self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0:
             log_weight_stats(trainer, pl_module, self.prefix, weights, gbatch.group, histogram=self.log_histogram,
-                             step=gbatch.global_step)
+                             extra=self.log_extras(), step=gbatch.global_step)
 
     # ------------------------------------------------------------------ checkpointing
     @override

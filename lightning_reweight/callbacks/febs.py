@@ -113,7 +113,7 @@ class FairErrorBoundScaling(GroupCallback):
         self._last_scales = (scales, present)
         return febs_loss_multipliers(scales, group, self.ignore_index, self.min_scale)
 
-    def group_scalars(self) -> dict[str, float]:
+    def log_extras(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.errors is not None and self.seen is not None:
             out.update({f"error/group_{g}": float(self.errors[g]) for g in self.seen.nonzero().flatten().tolist()})

@@ -122,7 +122,7 @@ class GroupDRO(GroupCallback):
         self._last_group_loss = (group_loss, counts)
         return group_dro_sample_weights(self.q, group, self.num_groups, self.ignore_index)
 
-    def group_scalars(self) -> dict[str, float]:
+    def log_extras(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.q is not None:
             out.update({f"q/group_{g}": float(v) for g, v in enumerate(self.q.tolist())})
