@@ -1,0 +1,244 @@
+"""``SamplerState``: keeps lightning_reweight samplers in step with the Trainer (epoch, cursor, checkpoint).
+
+How Lightning 2.x resumes mid-epoch (read from ``loops/fit_loop.py`` and ``loops/training_epoch_loop.py``):
+the fit loop restores its progress counters (epoch, batches done in the epoch), then builds a FRESH train
+dataloader iterator; it neither skips batches nor fast-forwards the sampler (only loaders implementing
+``state_dict``/``load_state_dict`` are restored). The epoch then ends when the restored batch counter reaches
+``len(dataloader)``, so a plain sampler replays the first batches of the epoch and never reaches its last
+ones. Worse, the iterator is created (and, with ``num_workers > 0``, already pulls indices) in
+``FitLoop.setup_data`` BEFORE ``set_epoch`` is called for the resumed epoch.
+
+``SamplerState`` fixes both for every sampler that has ``set_epoch``, ``state_dict``, ``load_state_dict`` and a
+``cursor`` attribute (``WeightedSampler``, ``RS2Sampler`` and their subclasses):
+
+* cursor = (batches whose training step finished in the epoch) × batch_size — samples of this rank consumed
+  (prefetching by workers does not count); read from the fit loop's batch progress when the state is saved,
+  so the callback order relative to ``ModelCheckpoint`` does not matter (also set in ``on_train_batch_end``).
+* ``state_dict``: every sampler's ``state_dict()``; ``load_state_dict`` keeps them until training starts.
+* ``on_train_start``: loads them into the samplers, sets the epoch, and if the loader iterator already
+  pulled indices under another (epoch, cursor), re-creates it, so the resumed run yields exactly the
+  remaining indices of the interrupted epoch.
+* checks DDP wiring: raises if Lightning wrapped a sampler in ``DistributedSamplerWrapper``
+  (``use_distributed_sampler=True``) or if a sampler's ``num_replicas``/``rank`` disagree with the Trainer.
+* logs draw statistics once per epoch through ``log_weight_stats`` (``{prefix}/ess_frac`` etc. of the
+  sampling weights normalised to mean 1; per class/group mass when the sampler or dataset knows them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_reweight.callbacks.logging import log_histogram, log_weight_stats
+
+__all__ = ["SamplerState", "find_samplers", "is_resumable_sampler"]
+
+_MAX_HISTOGRAM = 1_000_000
+_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+
+
+def is_resumable_sampler(sampler: Any) -> bool:
+    """Duck type of the samplers ``SamplerState`` manages."""
+    return hasattr(sampler, "cursor") and all(
+        callable(getattr(sampler, name, None)) for name in ("set_epoch", "state_dict", "load_state_dict")
+    )
+
+
+def _flatten(obj: Any) -> list[Any]:
+    if obj is None:
+        return []
+    flattened = getattr(obj, "flattened", None)  # CombinedLoader
+    if isinstance(flattened, list):
+        return [leaf for item in flattened for leaf in _flatten(item)]
+    if isinstance(obj, dict):
+        return [leaf for item in obj.values() for leaf in _flatten(item)]
+    if isinstance(obj, (list, tuple)):
+        return [leaf for item in obj for leaf in _flatten(item)]
+    return [obj]
+
+
+def _wrapped_inner(sampler: Any) -> Any:
+    """The sampler inside Lightning's ``DistributedSamplerWrapper``, if ``sampler`` is one."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return inner if inner is not None and type(sampler).__name__.endswith("SamplerWrapper") else None
+
+
+def find_samplers(loaders: Any) -> list[tuple[DataLoader, Any]]:
+    """``(dataloader, sampler)`` for each resumable sampler in a loader, list/dict of loaders or
+    ``CombinedLoader`` (looks at ``loader.sampler`` and ``loader.batch_sampler.sampler``).
+
+    Raises:
+        RuntimeError: a resumable sampler was wrapped by Lightning's ``DistributedSamplerWrapper``.
+    """
+    found: list[tuple[DataLoader, Any]] = []
+    for loader in _flatten(loaders):
+        candidates = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+        seen: set[int] = set()
+        for sampler in candidates:
+            if sampler is None or id(sampler) in seen:
+                continue
+            seen.add(id(sampler))
+            inner = _wrapped_inner(sampler)
+            if inner is not None and is_resumable_sampler(inner):
+                raise RuntimeError(
+                    f"Lightning wrapped the `{type(inner).__name__}` of the train dataloader in"
+                    f" `{type(sampler).__name__}`: every rank would materialise its whole shard and re-shard it,"
+                    " losing samples and breaking resume. The sampler already shards by global rank: pass"
+                    " `Trainer(use_distributed_sampler=False)`."
+                )
+            if is_resumable_sampler(sampler):
+                found.append((loader, sampler))
+    return found
+
+
+def _batch_size(loader: Any) -> int:
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(
+            f"Expected the train dataloader to have an int `batch_size` (or a batch sampler with one) so"
+            f" `SamplerState` can count consumed samples, but got {size!r}; use `DataLoader(batch_size=...)`."
+        )
+    return size
+
+
+class SamplerState(Callback):
+    """Set the epoch, track the cursor and checkpoint the state of lightning_reweight samplers.
+
+    Add it whenever a train dataloader uses a ``WeightedSampler`` / ``RS2Sampler`` (or subclass); the
+    ``DataModule`` plugin (``lightning_reweight.data.plugin``) needs it too. Resuming with
+    ``trainer.fit(ckpt_path=...)`` from a mid-epoch checkpoint then yields exactly the remaining indices.
+
+    Args:
+        log_stats: log draw statistics of each epoch (``{prefix}/ess``, ``ess_frac``, ``max``, per-group mass).
+        log_histogram: also write a histogram of the (mean-1) sampling weights (subsampled beyond 1e6 items).
+        prefix: log prefix; with several samplers the i-th (i > 0) logs under ``{prefix}_{i}``.
+    """
+
+    def __init__(self, log_stats: bool = True, log_histogram: bool = True, prefix: str = "sampler") -> None:
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"Expected argument `prefix` to be a non-empty string, but got {prefix!r}.")
+        self.log_stats = bool(log_stats)
+        self.log_histogram = bool(log_histogram)
+        self.prefix = prefix
+        self._bound: list[tuple[DataLoader, Any]] = []
+        self._pending: list[dict[str, Any]] | None = None
+        self._logged_epoch: int | None = None
+        self._trainer: pl.Trainer | None = None
+
+    @property
+    def samplers(self) -> list[Any]:
+        """The managed samplers, in train-dataloader order (filled at ``on_train_start``)."""
+        return [sampler for _, sampler in self._bound]
+
+    # --------------------------------------------------------------------------------------------- binding
+    def _bind(self, trainer: pl.Trainer) -> None:
+        self._bound = find_samplers(trainer.train_dataloader)
+        for loader, sampler in self._bound:
+            _batch_size(loader)
+            replicas, rank = getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)
+            if replicas is not None and (replicas != trainer.world_size or rank != trainer.global_rank):
+                raise RuntimeError(
+                    f"`{type(sampler).__name__}` has num_replicas={replicas}, rank={rank} but the Trainer runs"
+                    f" world_size={trainer.world_size}, global_rank={trainer.global_rank}: create the sampler"
+                    " inside `train_dataloader()` (after the process group exists) or pass them explicitly."
+                )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        self._bind(trainer)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if len(pending) != len(self._bound):
+                raise RuntimeError(
+                    f"The checkpoint holds the state of {len(pending)} sampler(s) but the train dataloader has"
+                    f" {len(self._bound)}; resume with the same data configuration."
+                )
+            for (_, sampler), state in zip(self._bound, pending):
+                sampler.load_state_dict(state)
+        if pending is not None and len(self._bound) == len(_flatten(trainer.train_dataloader)):
+            # every train loader resumes exactly: Lightning's "dataloader is not resumable" warning is false
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
+        stale = False
+        for _, sampler in self._bound:
+            sampler.set_epoch(trainer.current_epoch)
+            started = getattr(sampler, "last_iter_signature", None)
+            resume = getattr(sampler, "_resume", None)
+            expected = (trainer.current_epoch, 0 if resume is None else int(resume.get("global_cursor", 0)))
+            stale |= started is not None and (pending is not None or tuple(started) != expected)
+        if stale:
+            # the fit loop created the iterator (and workers pulled indices) before the state was restored
+            fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is None:
+                raise RuntimeError("Cannot restart the train dataloader iterator after restoring sampler state.")
+            iter(fetcher)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.reload_dataloaders_every_n_epochs:
+            self._bind(trainer)
+        for _, sampler in self._bound:
+            sampler.set_epoch(trainer.current_epoch)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        for loader, sampler in self._bound:
+            sampler.cursor = min((batch_idx + 1) * _batch_size(loader), len(sampler))
+        if self.log_stats and self._logged_epoch != trainer.current_epoch:
+            self._logged_epoch = trainer.current_epoch
+            self._log(trainer, pl_module)
+
+    # --------------------------------------------------------------------------------------------- logging
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for i, (loader, sampler) in enumerate(self._bound):
+            weights = getattr(sampler, "_epoch_weights_used", None)
+            if weights is None:
+                weights = getattr(sampler, "weights", None)
+            if weights is None:
+                continue
+            weights = weights.detach().double()
+            weights = (weights * (weights.numel() / weights.sum())).float()
+            groups = getattr(sampler, "groups", None)
+            dataset = getattr(loader, "dataset", None)
+            for attr in ("groups", "targets"):
+                if groups is None:
+                    groups = getattr(dataset, attr, None)
+            groups = torch.as_tensor(groups) if groups is not None else None
+            if groups is not None and (groups.numel() != weights.numel() or groups.is_floating_point()):
+                groups = None
+            prefix = self.prefix if i == 0 else f"{self.prefix}_{i}"
+            log_weight_stats(trainer, pl_module, prefix, weights, groups=groups, histogram=False)
+            if self.log_histogram:
+                step = max(1, weights.numel() // _MAX_HISTOGRAM)
+                log_histogram(trainer, f"{prefix}/weights", weights[::step])
+
+    # ----------------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._bound:
+            if self._trainer is not None:
+                # batches whose training step finished in this epoch: independent of callback order
+                done = self._trainer.fit_loop.epoch_loop.batch_progress.current.processed
+                for loader, sampler in self._bound:
+                    sampler.cursor = min(done * _batch_size(loader), len(sampler))
+            return {"samplers": [sampler.state_dict() for _, sampler in self._bound]}
+        if self._pending is not None:
+            return {"samplers": self._pending}
+        return {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("samplers")

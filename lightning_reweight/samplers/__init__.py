@@ -1,0 +1,26 @@
+"""What draws samples: the weighted draw core and the samplers built on it."""
+
+from lightning_reweight.samplers.core import (
+    AliasTable,
+    WeightedSampler,
+    build_alias_table,
+    draw_alias,
+    draw_weighted,
+    epoch_generator,
+    uniform_indices,
+    validate_weights,
+)
+from lightning_reweight.samplers.rs2 import RS2Sampler, rs2_cosine_schedule
+
+__all__ = [
+    "AliasTable",
+    "RS2Sampler",
+    "WeightedSampler",
+    "build_alias_table",
+    "draw_alias",
+    "draw_weighted",
+    "epoch_generator",
+    "rs2_cosine_schedule",
+    "uniform_indices",
+    "validate_weights",
+]
