@@ -44,7 +44,9 @@ class ImageClassifier(pl.LightningModule):
         pretrained: load timm weights (needs the model hub; off by default).
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
         lr, weight_decay, momentum: optimiser settings.
-        scheduler: ``"cosine"`` (per step over ``trainer.estimated_stepping_batches``) or ``"none"``.
+        scheduler: ``"cosine"`` (per step over ``trainer.estimated_stepping_batches``, which counts the real
+            steps, e.g. of an RS2 round) or ``"none"``.
+        eta_min: final learning rate of the cosine schedule (RS2's paper: 1e-4).
         model_kwargs: extra ``timm.create_model`` arguments.
     """
 
@@ -59,6 +61,7 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: float = 5e-4,
         momentum: float = 0.9,
         scheduler: Literal["cosine", "none"] = "cosine",
+        eta_min: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -132,5 +135,5 @@ class ImageClassifier(pl.LightningModule):
         if hp.scheduler == "none":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=hp.eta_min)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
