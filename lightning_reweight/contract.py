@@ -11,8 +11,10 @@ With manual optimisation the same call gives the loss to back-propagate::
     self.manual_backward(loss)
 
 Composition: each attached ``WeightingCallback`` returns global per-sample weights; the weights are
-multiplied in ``trainer.callbacks`` order and the product is renormalised to mean 1 over the global batch
-(skipped when any callback declares ``normalized = False``, e.g. KL-DRO with an EMA normaliser). A rank's
+multiplied in ``trainer.callbacks`` order. The product of the factors from callbacks with ``normalized =
+True`` is renormalised to mean 1 over the global batch; factors from callbacks that declare
+``normalized = False`` (GroupDRO, upweighting, KL-DRO with an EMA normaliser: their scale is part of the
+method) multiply in unchanged. A rank's
 loss is ``(W / B_global) · Σ_local w_i ℓ_i``; DDP's gradient averaging over the W ranks turns it into the
 global weighted mean ``(1/B_global) Σ_global w_i ℓ_i``, exactly, even with uneven per-rank batch sizes
 (one process: ``mean(w_i ℓ_i)``). Weights never carry gradient.
@@ -143,27 +145,32 @@ def reduce_loss(
         (batch.losses,), _ = gather_rows([check_losses(local_losses)], sizes)
         batch.losses = batch.losses.float().cpu()
 
-    weights = torch.ones(len(batch), dtype=torch.float32)
-    normalized = True
+    normalized_part = torch.ones(len(batch), dtype=torch.float32)
+    raw_part = torch.ones(len(batch), dtype=torch.float32)
+    any_normalized = False
     for cb in callbacks:
         w = cb.compute_weights(batch, trainer, module)
+        cb.last_weights = None if w is None else w.detach().float().cpu().reshape(-1)
         if w is None:
             continue
-        w = w.detach().float().cpu().reshape(-1)
+        w = cb.last_weights
         if w.numel() != len(batch):
             raise ValueError(f"{type(cb).__name__} returned {w.numel()} weights for a global batch of {len(batch)}.")
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError(f"{type(cb).__name__} returned negative or non-finite weights; no state was updated.")
-        weights = weights * w
-        normalized = normalized and cb.normalized
-    total = weights.sum()
-    if not bool(total > 0):
+        if cb.normalized:
+            normalized_part, any_normalized = normalized_part * w, True
+        else:
+            raw_part = raw_part * w
+    if any_normalized:  # renormalise the product of the mean-1 factors; unnormalised factors keep their scale
+        total = normalized_part.sum()
+        normalized_part = normalized_part * (len(batch) / total) if bool(total > 0) else normalized_part
+    weights = normalized_part * raw_part
+    if not bool(weights.sum() > 0):
         raise ValueError(
             "All per-sample weights of this batch are zero, so the loss would be zero. Check the callbacks' "
             "settings (e.g. a clip or a filter that removes every sample)."
         )
-    if normalized:
-        weights = weights * (len(batch) / total)
     for cb in callbacks:
         cb.on_weights_computed(batch, weights, trainer, module)
     w_local = weights[batch.local].to(local_losses.device, local_losses.dtype)

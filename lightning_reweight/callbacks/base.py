@@ -99,6 +99,8 @@ class WeightingCallback(Callback):
         self.table: SampleStateTable | None = None
         self._pending_table_state: dict[str, Any] | None = None
         self._last: tuple[GlobalBatch, Tensor] | None = None
+        #: the weights this callback's ``compute_weights`` returned at the last step (``None``: no opinion)
+        self.last_weights: Tensor | None = None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -126,10 +128,11 @@ class WeightingCallback(Callback):
 
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
-        """Called with the final combined weights; the default records the batch in the table."""
+        """Called with the final combined weights (the ones training used); the default records them in the
+        table and keeps this callback's own weights (``last_weights``) for logging."""
         if self.table is not None:
             self.table.update(batch.index, loss=batch.losses, ema_loss=batch.losses, weight=weights)
-        self._last = (batch, weights)
+        self._last = None if self.last_weights is None else (batch, self.last_weights)
 
     def log_extras(self) -> dict[str, float]:
         """Method-specific scalars logged next to the weight statistics (e.g. ``{"q/group_0": 0.4}``)."""

@@ -167,3 +167,34 @@ def test_validation_does_not_touch_state(tmp_path):
     assert int(cb.table["count"].sum()) == 24  # training samples only
     assert isinstance(trainer.callback_metrics["val_loss"], torch.Tensor)
     assert pl.__version__
+
+
+class RawWeights(FixedWeights):
+    normalized = False
+
+
+def test_unnormalised_factors_keep_their_scale(tmp_path):
+    module = TinyModule()
+    f1 = torch.tensor([1.0, 3.0, 1.0, 3.0])        # mean-1 callback: renormalised
+    f2 = torch.tensor([0.5, 0.5, 0.25, 0.25])       # unnormalised callback: kept as is
+    cbs = [FixedWeights(f1, name="a"), RawWeights(f2, name="b")]
+    _attach(module, cbs, tmp_path)
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    loss = reduce_loss(module, losses, torch.arange(4))
+    w = f1 * 4 / f1.sum() * f2
+    torch.testing.assert_close(loss, (w * losses).mean())
+    # each callback logs its own factor, not the product
+    torch.testing.assert_close(cbs[0].last_weights, f1)
+    torch.testing.assert_close(cbs[1].last_weights, f2)
+
+
+def test_callback_without_opinion_logs_nothing(tmp_path):
+    class Silent(WeightingCallback):
+        pass
+
+    module = TinyModule()
+    silent = Silent(num_samples=4)
+    _attach(module, [silent, FixedWeights(torch.tensor([1.0, 2.0, 3.0, 4.0]))], tmp_path)
+    reduce_loss(module, torch.ones(4, requires_grad=True), torch.arange(4))
+    assert silent.last_weights is None and silent._last is None
+    assert int(silent.table["count"].sum()) == 4  # still records the batch

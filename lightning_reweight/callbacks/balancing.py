@@ -1,0 +1,272 @@
+"""``GroupBalancing``: class/group temperature balancing by sampling ("upsample") or loss weights ("upweight").
+
+Source: "Upsample or Upweight? Balanced Training on Heavily Imbalanced Datasets" (Li et al., NAACL 2025);
+the math is in ``lightning_reweight.rules.balance``, the sampler in ``lightning_reweight.samplers.balanced``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
+from lightning_reweight.rules.balance import (
+    ScheduleName,
+    Shape,
+    TemperatureSchedule,
+    check_groups,
+    temperature_distribution,
+    upweight_factors,
+)
+from lightning_reweight.samplers._install import SamplerInstaller, train_dataset, train_loader_batch_size
+from lightning_reweight.samplers.balanced import TemperatureSampler, Unit
+
+__all__ = ["GroupBalancing"]
+
+Mode = Literal["upsample", "upweight"]
+By = Literal["auto", "group", "target"]
+
+
+def dataset_group_ids(dataset: Any, by: By) -> tuple[Tensor, str]:
+    """Per-sample ids to balance over: the data set's ``groups`` or ``targets`` (``IndexedDataset`` exposes both)."""
+    candidates = {"group": ("groups",), "target": ("targets",), "auto": ("groups", "targets")}[by]
+    for attr in candidates:
+        ids = getattr(dataset, attr, None)
+        if ids is not None:
+            ids = torch.as_tensor(ids)
+            if ids.ndim == 1 and not ids.is_floating_point():
+                return ids.long(), attr
+    raise ValueError(
+        f"GroupBalancing(by={by!r}) found no per-sample {' or '.join(candidates)} on the training data set "
+        f"({type(dataset).__name__}). Wrap it as `IndexedDataset(ds, groups=group_ids)` or "
+        "`IndexedDataset(ds, targets=labels)` (targets are also read from `ds.targets`/`labels`/`y`)."
+    )
+
+
+class GroupBalancing(WeightingCallback):
+    """Balance classes or groups by temperature, by sampling or by loss weights, with an optional Cooldown.
+
+    Temperature: ``p(g; τ) ∝ n_g^{1/τ}`` (τ = 1 proportional, τ = ∞ uniform over groups).
+
+    * ``mode="upsample"``: installs a ``TemperatureSampler`` in the train dataloader — groups are drawn with
+      ``p(g; τ)`` and samples uniformly within a group (with replacement, N draws per epoch by default).
+    * ``mode="upweight"``: keeps the loader's plain shuffling (proportional) and weights each sample's loss by
+      ``w_g = p(g; τ) / p(g; 1)`` via ``reduce_loss``. The weights average 1 under proportional sampling, so
+      they are not renormalised per batch (``normalized = False``): the expected loss is exactly that of
+      temperature sampling (the paper's Thm 1), with more gradient variance (Thm 2-3).
+
+    ``schedule="cooldown"`` moves τ from ``tau_start`` to ``tau_end`` at ``switch_fraction`` of training
+    (paper: 5 → 1 at one half, a single ``"step"``; ``"linear"``/``"cosine"`` are gradual alternatives that did
+    worse in the paper). ``unit="epoch"`` measures progress as ``epoch / max_epochs`` (τ fixed within an epoch);
+    ``unit="step"`` as optimizer steps over the run (``max_steps`` or ``max_epochs`` × steps per epoch), so the
+    switch can fall inside an epoch (the upsample draw is then made in segments).
+
+    Ids come from the training data set: ``IndexedDataset(groups=...)`` or its ``targets`` (``by="auto"``
+    prefers groups). Under DDP pass ``Trainer(use_distributed_sampler=False)`` in upsample mode;
+    ``SamplerState`` is added automatically when missing.
+
+    Logged: ``{name}/tau``, ``{name}/p/group_g`` (target group distribution), ``{name}/draw_freq/group_g``
+    (empirical share of each group among the samples trained on this epoch, from the gathered batches),
+    ``{name}/w/group_g`` in upweight mode, plus the base class's weight statistics (mean, max, ESS, histogram)
+    and ``SamplerState``'s per-group sampling mass.
+
+    Args:
+        mode: ``"upsample"`` (temperature sampling) or ``"upweight"`` (scalarization).
+        tau: constant temperature (``schedule="constant"``); default ∞ = class/group-balanced.
+        schedule: ``"constant"`` or ``"cooldown"``.
+        tau_start, tau_end, switch_fraction, shape: Cooldown (paper: 5, 1, 0.5, ``"step"``).
+        unit: progress in ``"epoch"`` or ``"step"``.
+        by: balance over ``"group"`` ids, class ``"target"`` s, or ``"auto"``.
+        num_samples: draws per epoch in upsample mode (default N).
+        replacement: upsample with replacement (default) or without (then ``num_samples`` ≤ N nonzero items).
+        seed: sampler seed (shared by all ranks).
+        log_every_n_steps, log_histogram, name: as in ``WeightingCallback``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GroupBalancing(mode="upsample", schedule="cooldown")], max_epochs=10)
+        trainer = Trainer(callbacks=[GroupBalancing(mode="upweight", tau=float("inf"))], max_epochs=10)
+    """
+
+    log_prefix = "balance"
+
+    def __init__(
+        self,
+        mode: Mode = "upsample",
+        tau: float = math.inf,
+        schedule: ScheduleName = "constant",
+        tau_start: float = 5.0,
+        tau_end: float = 1.0,
+        switch_fraction: float = 0.5,
+        shape: Shape = "step",
+        unit: Unit = "epoch",
+        by: By = "auto",
+        num_samples: int | None = None,
+        replacement: bool = True,
+        seed: int = 0,
+        log_every_n_steps: int = 50,
+        log_histogram: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(track_samples=False, log_every_n_steps=log_every_n_steps, log_histogram=log_histogram,
+                         name=name)
+        if mode not in ("upsample", "upweight"):
+            raise ValueError(f"Expected argument `mode` to be 'upsample' or 'upweight', but got {mode!r}.")
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"Expected argument `unit` to be 'epoch' or 'step', but got {unit!r}.")
+        if by not in ("auto", "group", "target"):
+            raise ValueError(f"Expected argument `by` to be 'auto', 'group' or 'target', but got {by!r}.")
+        self.schedule = TemperatureSchedule(schedule, tau=tau, tau_start=tau_start, tau_end=tau_end,
+                                            switch_fraction=switch_fraction, shape=shape)
+        self.mode, self.unit, self.by = mode, unit, by
+        self.sampler_num_samples, self.replacement, self.seed = num_samples, bool(replacement), int(seed)
+        # upweight: the weights average 1 under proportional sampling; a per-batch renormalisation would bias them
+        self.normalized = mode != "upweight"
+        self.sampler: TemperatureSampler | None = None
+        self.groups: Tensor | None = None
+        self.counts: Tensor | None = None
+        self._installer = SamplerInstaller(self._make_sampler, owner=type(self).__name__,
+                                           sampler_type=TemperatureSampler, adopt=self._adopt)
+        self._total_steps: int | None = None
+        self._draws = torch.zeros(0, dtype=torch.float64)
+        self._cache: tuple[float, Tensor] | None = None
+
+    # ------------------------------------------------------------------ ids and schedule
+    def _set_groups(self, dataset: Any) -> None:
+        ids, _ = dataset_group_ids(dataset, self.by)
+        self.groups = check_groups(ids)
+        self.counts = torch.bincount(self.groups).to(torch.float64)
+
+    def _ensure_groups(self, trainer: pl.Trainer) -> None:
+        if self.groups is None:
+            self._set_groups(train_dataset(trainer.train_dataloader))
+
+    @staticmethod
+    def _total_steps_for(trainer: pl.Trainer, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run: ``max_steps``, or ``max_epochs`` × steps per epoch (the smaller if both)."""
+        accumulate = max(1, trainer.accumulate_grad_batches)
+        candidates = []
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            candidates.append(int(trainer.max_steps))
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            candidates.append(int(trainer.max_epochs) * max(1, batches_per_epoch // accumulate))
+        if not candidates:
+            raise ValueError("GroupBalancing(unit='step') needs a finite `max_steps` or `max_epochs`.")
+        return min(candidates)
+
+    def _max_epochs(self, trainer: pl.Trainer) -> int:
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ValueError(
+                f"{type(self).__name__}(schedule='cooldown', unit='epoch') needs `Trainer(max_epochs=...)`; "
+                "for a run bounded by `max_steps` use unit='step'."
+            )
+        return int(trainer.max_epochs)
+
+    def progress(self, trainer: pl.Trainer) -> float:
+        """Training progress in [0, 1] that the schedule reads (epoch- or step-based)."""
+        if self.schedule.schedule == "constant":
+            return 0.0
+        if self.unit == "epoch":
+            return trainer.current_epoch / self._max_epochs(trainer)
+        if self._total_steps is None:
+            self._total_steps = self._total_steps_for(trainer, len(trainer.train_dataloader))
+        return trainer.global_step / self._total_steps
+
+    def tau(self, trainer: pl.Trainer) -> float:
+        return self.schedule(self.progress(trainer))
+
+    # ------------------------------------------------------------------ upsample: the sampler
+    def _make_sampler(self, trainer: pl.Trainer, loader: Any) -> TemperatureSampler:
+        if self.sampler is not None and self.sampler.num_weights == len(loader.dataset):
+            return self.sampler  # reloaded dataloader: keep the sampler (and its state)
+        self._set_groups(loader.dataset)
+        num_epochs = total_draws = segment = None
+        if self.schedule.schedule != "constant":
+            if self.unit == "epoch":
+                num_epochs = self._max_epochs(trainer)
+            else:
+                batch = train_loader_batch_size(loader)
+                draws_per_step = batch * trainer.world_size * max(1, trainer.accumulate_grad_batches)
+                per_rank = math.ceil((self.sampler_num_samples or len(loader.dataset)) / trainer.world_size)
+                total_steps = self._total_steps = self._total_steps_for(trainer, math.ceil(per_rank / batch))
+                total_draws, segment = total_steps * draws_per_step, draws_per_step
+        self.sampler = TemperatureSampler(
+            self.groups, schedule=self.schedule, unit=self.unit, num_epochs=num_epochs, total_draws=total_draws,
+            segment_size=segment, num_samples=self.sampler_num_samples, replacement=self.replacement, seed=self.seed,
+            num_replicas=trainer.world_size, rank=trainer.global_rank,
+        )
+        return self.sampler
+
+    def _adopt(self, sampler: TemperatureSampler) -> None:
+        self.sampler, self.groups, self.counts = sampler, sampler.groups, sampler.counts
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.mode == "upsample":
+            self._installer.setup(trainer)
+
+    # ------------------------------------------------------------------ upweight: the loss weights
+    def group_weights(self, tau: float) -> Tensor:
+        """``w_g = p(g; τ) / p(g; 1)`` (float64 ``(G,)``), cached per τ."""
+        if self._cache is None or self._cache[0] != tau:
+            self._cache = (tau, upweight_factors(self.counts, tau))
+        return self._cache[1]
+
+    @override
+    def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
+        if self.mode != "upweight":
+            return None
+        self._ensure_groups(trainer)
+        ids = self.groups[batch.index]
+        return self.group_weights(self.tau(trainer))[ids].float()
+
+    @override
+    def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
+                            pl_module: pl.LightningModule) -> None:
+        super().on_weights_computed(batch, weights, trainer, pl_module)
+        self._ensure_groups(trainer)
+        counts = torch.bincount(self.groups[batch.index], minlength=self.counts.numel()).to(torch.float64)
+        self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
+
+    # ------------------------------------------------------------------ logging
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.mode == "upsample":  # no loss weights to log (all 1); SamplerState logs the draw distribution
+            self._last = None
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.groups is None:
+            return
+        tau = self.sampler.tau_for_epoch(trainer.current_epoch) if self.sampler is not None else self.tau(trainer)
+        stats = {"tau": tau if math.isfinite(tau) else float("inf")}
+        p = temperature_distribution(self.counts, tau)
+        stats.update({f"p/group_{g}": float(v) for g, v in enumerate(p.tolist())})
+        if self.mode == "upweight":
+            stats.update({f"w/group_{g}": float(v) for g, v in enumerate(self.group_weights(tau).tolist())})
+        if self._draws.numel() and float(self._draws.sum()) > 0:
+            freq = self._draws / self._draws.sum()
+            stats.update({f"draw_freq/group_{g}": float(v) for g, v in enumerate(freq.tolist())})
+        self._draws = torch.zeros(0, dtype=torch.float64)
+        pl_module.log_dict({f"{self.prefix}/{k}": v for k, v in stats.items()}, on_step=False, on_epoch=True,
+                           rank_zero_only=True)
+
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {"total_steps": self._total_steps, "draws": self._draws.clone()}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._total_steps = state.get("total_steps", self._total_steps)
+        draws = state.get("draws")
+        if draws is not None:
+            self._draws = draws.clone()

@@ -1,0 +1,175 @@
+"""Importance-sampling rules: per-sample scores -> draw probabilities (pure functions, no Lightning).
+
+Source: "PA&DA: Jointly Sampling PAth and DAta for Consistent NAS" (Lu et al., CVPR 2023), official code
+``ShunLu91/PA-DA:nasbench201/train_panda_201.py`` (see ``../shared/METHODS.md`` §5):
+
+* score ``s_i = ‖softmax(z_i) − onehot(y_i)‖₂`` (the per-sample gradient-norm proxy of the last layer), from the
+  training forward pass;
+* the score table restarts at 0 every epoch; the first visit of an epoch sets ``s_i``, a re-draw averages
+  ``s ← (s_old + s_new) / 2`` (sequentially, in draw order); samples not drawn this epoch stay at 0;
+* ``p_i = τ_t · s_i / Σ_j s_j + (1 − τ_t) / N`` with ``τ_t = epoch / epochs`` (a linear ramp from uniform);
+* the official code trains on the plain mean loss (biased sampling); the unbiasing weights ``1 / (N p_i)``
+  (self-normalised) are offered as an option.
+
+Generalisations (ours): any score (e.g. the loss), an EMA of rate ``smoothing`` instead of the pairwise mean
+(``smoothing=0.5`` *is* the pairwise mean), optional epoch reset, a power ``p ∝ s^power``, a uniform floor
+``ε`` with ``p = (1 − ε)·q + ε/N`` that the ramp never goes below, and ``unseen="mean"`` to give never-scored
+samples the mean score instead of 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Unseen = Literal["zero", "mean"]
+
+__all__ = [
+    "gradnorm_score",
+    "importance_probabilities",
+    "mixing_coefficient",
+    "scatter_ema_",
+    "unbiasing_weights",
+]
+
+
+def gradnorm_score(logits: Tensor, target: Tensor) -> Tensor:
+    """PA&DA's per-sample score ``‖softmax(z) − y‖₂`` (y one-hot from class ids, or given probabilities).
+
+    Args:
+        logits: ``(B, C)`` raw model outputs.
+        target: ``(B,)`` integer class ids or ``(B, C)`` target probabilities.
+
+    Returns:
+        ``(B,)`` detached float32 scores in ``[0, √2]``.
+    """
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"Expected argument `logits` to be a (B, C) tensor, but got {shape}.")
+    logits = logits.detach().float()
+    probs = logits.softmax(dim=1)
+    if target.ndim == 1 and not target.is_floating_point():
+        if target.numel() != logits.shape[0]:
+            raise ValueError(f"Expected {logits.shape[0]} targets, but got {target.numel()}.")
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= logits.shape[1]:
+            raise ValueError(
+                f"Expected class ids in [0, {logits.shape[1]}), but got range [{lo}, {hi}] (ignore_index targets "
+                "cannot be scored; drop them from the batch)."
+            )
+        onehot = F.one_hot(target.long(), logits.shape[1]).to(probs)
+    elif target.shape == logits.shape:
+        onehot = target.detach().to(probs)
+    else:
+        raise ValueError(
+            f"Expected argument `target` to be (B,) class ids or (B, C) probabilities matching logits "
+            f"{tuple(logits.shape)}, but got shape {tuple(target.shape)} and dtype {target.dtype}."
+        )
+    return torch.linalg.vector_norm(probs - onehot, dim=1)
+
+
+def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate: float) -> None:
+    """In place, sequential EMA updates ``v ← (1 − rate)·v + rate·x`` of ``values[index]``, in batch order.
+
+    A sample's first observation (``seen`` False) sets ``v = x``. Repeated indices within one call are applied
+    one after the other in the order given (vectorised in closed form), exactly as a Python loop over the
+    batch would. ``rate=0.5`` is PA&DA's pairwise mean; ``rate=1`` keeps the last value.
+
+    Args:
+        values: ``(N,)`` float table column (modified).
+        seen: ``(N,)`` bool column (modified: set True at ``index``).
+        index: ``(B,)`` long dataset indices (may repeat).
+        new: ``(B,)`` new observations.
+        rate: weight of a new observation, in ``(0, 1]``.
+    """
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"Expected argument `rate` (smoothing) to be in (0, 1], but got {rate!r}.")
+    if index.numel() == 0:
+        return
+    index = index.reshape(-1).to(values.device, torch.long)
+    new = new.detach().reshape(-1).to(values.device, torch.float64)
+    order = torch.sort(index, stable=True).indices
+    idx_s, new_s = index[order], new[order]
+    uniq, inverse, counts = torch.unique_consecutive(idx_s, return_inverse=True, return_counts=True)
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(idx_s.numel(), device=idx_s.device) - starts[inverse]  # 0-based occurrence number
+    m = counts[inverse]
+    keep = 1.0 - rate
+    coef = rate * torch.pow(torch.full_like(new_s, keep), (m - 1 - pos).to(new_s.dtype))
+    was_seen = seen[uniq]
+    first_unseen = (pos == 0) & ~was_seen[inverse]
+    coef = torch.where(first_unseen, torch.pow(torch.full_like(new_s, keep), (m - 1).to(new_s.dtype)), coef)
+    contrib = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device).index_add_(0, inverse, coef * new_s)
+    old = values[uniq].to(torch.float64)
+    old_term = torch.where(was_seen, torch.pow(torch.full_like(old, keep), counts.to(old.dtype)) * old, 0.0)
+    values[uniq] = (old_term + contrib).to(values.dtype)
+    seen[uniq] = True
+
+
+def mixing_coefficient(epoch: int, ramp_epochs: int | None, floor: float = 0.0) -> float:
+    """Uniform mixing weight ``ε_t = max(floor, 1 − min(1, epoch / ramp_epochs))``.
+
+    PA&DA mixes ``τ_t = epoch / epochs`` of the score distribution with ``1 − τ_t`` of uniform: pass
+    ``ramp_epochs = max_epochs`` and ``floor = 0``. ``ramp_epochs=None`` (or 0) disables the ramp: ``ε = floor``.
+    """
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"Expected argument `floor` to be in [0, 1], but got {floor!r}.")
+    if not ramp_epochs:
+        return float(floor)
+    return float(max(floor, 1.0 - min(1.0, max(epoch, 0) / ramp_epochs)))
+
+
+def importance_probabilities(
+    scores: Tensor,
+    mixing: float = 0.0,
+    power: float = 1.0,
+    seen: Tensor | None = None,
+    unseen: Unseen = "zero",
+) -> Tensor:
+    """``p = (1 − ε)·s^a / Σ s^a + ε / N`` over all N samples (float64, sums to 1).
+
+    Args:
+        scores: ``(N,)`` non-negative per-sample scores (NaN = never scored, treated as unseen).
+        mixing: ε in ``[0, 1]``, the uniform share (the floor: every sample keeps ``p_i >= ε/N``).
+        power: exponent a > 0 (1 = proportional to the score; < 1 flattens, > 1 sharpens).
+        seen: optional ``(N,)`` bool mask of scored samples.
+        unseen: ``"zero"`` (PA&DA: unscored samples get only the floor) or ``"mean"`` (they get the mean score
+            of the scored ones).
+
+    If every score is 0 the result is uniform.
+    """
+    if not isinstance(scores, Tensor) or scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError("Expected argument `scores` to be a non-empty 1-D tensor (one score per sample).")
+    if not 0.0 <= mixing <= 1.0:
+        raise ValueError(f"Expected argument `mixing` to be in [0, 1], but got {mixing!r}.")
+    if not (math.isfinite(power) and power > 0):
+        raise ValueError(f"Expected argument `power` to be a positive number, but got {power!r}.")
+    if unseen not in ("zero", "mean"):
+        raise ValueError(f"Expected argument `unseen` to be 'zero' or 'mean', but got {unseen!r}.")
+    s = scores.detach().to(torch.float64)
+    known = ~torch.isnan(s) if seen is None else (seen.to(torch.bool) & ~torch.isnan(s))
+    if bool((s[known] < 0).any()) or bool(torch.isinf(s[known]).any()):
+        raise ValueError("Expected non-negative finite scores; got negative or infinite values.")
+    s = torch.where(known, s, torch.zeros_like(s)).pow(power)
+    if unseen == "mean" and bool(known.any()) and not bool(known.all()):
+        s = torch.where(known, s, s[known].mean())
+    n = s.numel()
+    total = s.sum()
+    q = s / total if float(total) > 0 else torch.full_like(s, 1.0 / n)
+    return (1.0 - mixing) * q + mixing / n
+
+
+def unbiasing_weights(p: Tensor, num_samples: int) -> Tensor:
+    """Self-normalised importance weights ``w_i ∝ 1 / (N p_i)`` for drawn samples, averaging 1 over the batch.
+
+    ``E_{i~p}[w_i ℓ_i] = mean_j ℓ_j`` for the unnormalised weights; self-normalising trades a small bias for
+    lower variance.
+    """
+    if bool((p <= 0).any()):
+        raise ValueError("Expected strictly positive draw probabilities for drawn samples (use a floor > 0).")
+    w = 1.0 / (num_samples * p.to(torch.float64))
+    return (w / w.mean()).to(torch.float32)

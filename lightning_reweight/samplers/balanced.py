@@ -1,0 +1,198 @@
+"""Class/group temperature sampling ("upsample") and its loss-weight twin ("upweight"), with Cooldown.
+
+Source: "Upsample or Upweight? Balanced Training on Heavily Imbalanced Datasets" (Li et al., NAACL 2025); the
+math lives in ``lightning_reweight.rules.balance``.
+
+* ``TemperatureSampler`` — a ``WeightedSampler`` whose per-sample weight is ``p(g_i; τ) / n_{g_i}`` (uniform
+  within a group), with τ from a constant or Cooldown schedule over epochs or steps.
+* ``GroupBalancing`` — the one Lightning callback for both of the paper's modes::
+
+      GroupBalancing(mode="upsample", schedule="cooldown")   # temperature sampling, τ = 5 -> 1
+      GroupBalancing(mode="upweight", schedule="cooldown")   # proportional sampling, loss weight p(g;τ)/p(g;1)
+
+  ``mode="upsample"`` installs a ``TemperatureSampler`` in the training DataLoader; ``mode="upweight"``
+  keeps the loader's plain shuffling and gives each sample the loss weight ``w_g = p(g; τ) / p(g; 1)``
+  through ``reduce_loss``. Same schedule, same expected gradient (Thm 1), different variance (Thm 2-3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_reweight.rules.balance import (
+    TemperatureSchedule,
+    check_groups,
+    sample_probabilities,
+    temperature_distribution,
+)
+from lightning_reweight.samplers.core import WeightedSampler, draw_weighted, epoch_generator
+
+Unit = Literal["epoch", "step"]
+
+__all__ = ["TemperatureSampler"]
+
+
+class TemperatureSampler(WeightedSampler):
+    """Draws group g with probability ``p(g; τ) ∝ n_g^{1/τ}`` and a sample uniformly within its group.
+
+    Args:
+        groups: ``(N,)`` integer group (or class) id of every dataset item, ``>= 0``.
+        schedule: a ``TemperatureSchedule``, or its name ``"constant"`` (default) / ``"cooldown"`` built from the
+            next arguments (so the DataModule plugin can configure it from YAML).
+        tau: the constant temperature (``inf`` = class-balanced, 1 = proportional).
+        tau_start, tau_end, switch_fraction, shape: Cooldown parameters (paper: 5, 1, 0.5, ``"step"``).
+        unit: ``"epoch"``: τ of epoch e is ``schedule(e / num_epochs)``, fixed within the epoch.
+            ``"step"``: τ follows the global draw position, ``progress = (e · total_size + j) / total_draws``
+            (j = position in the epoch's global draw); a Cooldown switch then lands inside an epoch, within
+            one global batch of the exact step. Needs ``replacement=True``.
+        num_epochs: training length in epochs (``unit="epoch"`` with a non-constant schedule).
+        total_draws: global samples drawn over the whole run (``unit="step"``): steps × global batch size.
+        segment_size: with ``unit="step"``, τ is re-evaluated every ``segment_size`` draws (default: the
+            global batch size if known, else ``total_size // 100``); ``shape="step"`` needs only the switch.
+        num_groups: G, if some groups are empty in ``groups``.
+        num_samples, replacement, seed, num_replicas, rank, drop_last: as in ``WeightedSampler``.
+
+    Example::
+
+        sampler = TemperatureSampler(labels, tau=float("inf"))      # class-balanced
+        loader = DataLoader(IndexedDataset(ds), batch_size=128, sampler=sampler)
+    """
+
+    def __init__(
+        self,
+        groups: Any,
+        schedule: TemperatureSchedule | str | None = None,
+        tau: float = math.inf,
+        tau_start: float = 5.0,
+        tau_end: float = 1.0,
+        switch_fraction: float = 0.5,
+        shape: str = "step",
+        unit: Unit = "epoch",
+        num_epochs: int | None = None,
+        total_draws: int | None = None,
+        segment_size: int | None = None,
+        num_groups: int | None = None,
+        num_samples: int | None = None,
+        replacement: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        self.groups = check_groups(torch.as_tensor(groups) if not isinstance(groups, Tensor) else groups, num_groups)
+        self.num_groups = int(num_groups) if num_groups is not None else int(self.groups.max()) + 1
+        self.counts = torch.bincount(self.groups, minlength=self.num_groups).to(torch.float64)
+        if schedule is None or isinstance(schedule, str):
+            schedule = TemperatureSchedule(schedule or "constant", tau=tau, tau_start=tau_start, tau_end=tau_end,
+                                           switch_fraction=switch_fraction, shape=shape)  # type: ignore[arg-type]
+        if not isinstance(schedule, TemperatureSchedule):
+            raise TypeError(
+                f"Expected argument `schedule` to be a TemperatureSchedule, 'constant' or 'cooldown', but got {schedule!r}."
+            )
+        self.schedule = schedule
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"Expected argument `unit` to be 'epoch' or 'step', but got {unit!r}.")
+        self.unit = unit
+        self.num_epochs = _check_optional_positive("num_epochs", num_epochs)
+        self.total_draws = _check_optional_positive("total_draws", total_draws)
+        self.segment_size = _check_optional_positive("segment_size", segment_size)
+        if unit == "step" and not replacement:
+            raise ValueError(
+                "Expected `replacement=True` with unit='step' (τ changes inside an epoch, so the epoch is drawn in "
+                "segments); use unit='epoch' for draws without replacement."
+            )
+        super().__init__(
+            sample_probabilities(self.groups, self.tau_at(0.0), self.num_groups),
+            num_samples=num_samples, replacement=replacement, seed=seed, num_replicas=num_replicas, rank=rank,
+            drop_last=drop_last,
+        )
+
+    # ------------------------------------------------------------------ schedule
+    def tau_at(self, progress: float) -> float:
+        return self.schedule(progress)
+
+    def epoch_progress(self, epoch: int) -> float:
+        if self.schedule.schedule == "constant":
+            return 0.0
+        if self.unit == "epoch":
+            if self.num_epochs is None:
+                raise ValueError(
+                    "TemperatureSampler with a Cooldown schedule over epochs needs `num_epochs` (the training length)."
+                )
+            return epoch / self.num_epochs
+        return epoch * self.total_size / self._total_draws()
+
+    def _total_draws(self) -> int:
+        if self.total_draws is None:
+            raise ValueError(
+                "TemperatureSampler with unit='step' needs `total_draws` (= total optimizer steps x global batch size)."
+            )
+        return self.total_draws
+
+    def tau_for_epoch(self, epoch: int) -> float:
+        """τ at the start of ``epoch`` (the whole epoch with ``unit="epoch"``)."""
+        return self.tau_at(self.epoch_progress(epoch))
+
+    def group_probabilities(self, epoch: int | None = None) -> Tensor:
+        """``p(g; τ)`` at the start of ``epoch`` (default: the current epoch), float64 ``(G,)``."""
+        return temperature_distribution(self.counts, self.tau_for_epoch(self.epoch if epoch is None else epoch))
+
+    def epoch_weights(self, epoch: int) -> Tensor:
+        return sample_probabilities(self.groups, self.tau_for_epoch(epoch), self.num_groups)
+
+    def _segmented(self, epoch: int) -> bool:
+        return self.unit == "step" and self.schedule.schedule != "constant"
+
+    def _draw(self, weights: Tensor, epoch: int) -> Tensor:
+        if not self._segmented(epoch):
+            return super()._draw(weights, epoch)
+        # τ varies inside the epoch: draw consecutive segments of the global stream, each from its own τ.
+        total = self._total_draws()
+        start_pos = epoch * self.total_size
+        bounds = self._segment_bounds(start_pos, total)
+        generator = epoch_generator(self.seed, epoch)
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            tau = self.tau_at((start_pos + lo) / total)
+            p = sample_probabilities(self.groups, tau, self.num_groups)
+            parts.append(draw_weighted(p, hi - lo, generator, replacement=True))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def _segment_bounds(self, start_pos: int, total: int) -> list[int]:
+        n = self.num_samples
+        s = self.schedule
+        if s.shape == "step":
+            switch = math.ceil(s.switch_fraction * total) - start_pos  # first position with progress >= switch
+            cuts = [switch] if 0 < switch < n else []
+            return [0, *cuts, n]
+        seg = self.segment_size or max(1, self.total_size // 100)
+        return [*range(0, n, seg), n]
+
+    # ------------------------------------------------------------------ diagnostics
+    def draw_frequencies(self, indices: Tensor) -> Tensor:
+        """Share of each group among ``indices`` (e.g. ``global_indices()``), float64 ``(G,)``."""
+        g = self.groups[indices.to(torch.long)]
+        return torch.bincount(g, minlength=self.num_groups).to(torch.float64) / max(g.numel(), 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["temperature"] = {"unit": self.unit, "num_epochs": self.num_epochs, "total_draws": self.total_draws}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        t = state_dict.get("temperature", {})
+        self.num_epochs = t.get("num_epochs", self.num_epochs)
+        self.total_draws = t.get("total_draws", self.total_draws)
+
+
+def _check_optional_positive(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected argument `{name}` to be a positive int or None, but got {value!r}.")
+    return int(value)

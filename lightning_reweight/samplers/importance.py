@@ -1,0 +1,71 @@
+"""Importance sampling from per-sample scores (loss, or PA&DA's gradient-norm proxy).
+
+Source: "PA&DA: Jointly Sampling PAth and DAta for Consistent NAS" (Lu et al., CVPR 2023); the math lives in
+``lightning_reweight.rules.importance`` and the Lightning side in
+``lightning_reweight.callbacks.importance.ImportanceSampling``.
+
+``ImportanceSampler`` is a ``WeightedSampler`` that starts uniform and whose weights the callback replaces at
+each refresh (``set_weights``: the running epoch keeps its draw, the next epoch uses the new weights). It
+knows the probabilities of the epoch it is drawing, which the optional unbiasing weights ``1/(N p_i)`` need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_reweight.samplers.core import WeightedSampler
+
+__all__ = ["ImportanceSampler"]
+
+
+class ImportanceSampler(WeightedSampler):
+    """A uniform-at-start ``WeightedSampler`` driven by ``ImportanceSampling``.
+
+    Args:
+        num_items: N, the training set size.
+        num_samples: global draws per epoch (default N; PA&DA draws N with replacement).
+        replacement, seed, num_replicas, rank, drop_last: as in ``WeightedSampler``.
+
+    Example::
+
+        sampler = ImportanceSampler(len(train_set))
+        sampler.set_weights(probabilities)   # next epoch draws from them
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        num_samples: int | None = None,
+        replacement: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+            raise ValueError(f"Expected argument `num_items` to be a positive int, but got {num_items!r}.")
+        super().__init__(torch.full((num_items,), 1.0 / num_items, dtype=torch.float64), num_samples=num_samples,
+                         replacement=replacement, seed=seed, num_replicas=num_replicas, rank=rank,
+                         drop_last=drop_last)
+
+    def current_probabilities(self) -> Tensor:
+        """Draw probabilities (float64, sum 1) of the epoch being iterated (after a resume: the saved ones)."""
+        used = self._epoch_weights_used
+        w = used if used is not None else self.epoch_weights(self.epoch)
+        w = w.to(torch.float64)
+        return w / w.sum()
+
+    def pending_probabilities(self) -> Tensor:
+        """Probabilities the next ``iter()`` will draw from."""
+        w = self.weights.to(torch.float64)
+        return w / w.sum()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # the resumed epoch's probabilities are known before iter() runs again
+        resume = self._resume
+        if resume is not None and resume.get("epoch_weights") is not None:
+            self._epoch_weights_used = resume["epoch_weights"]
