@@ -18,8 +18,6 @@ cached as ``.npz`` under ``cache_dir`` (default ``.cache/lightning_reweight``, g
 from __future__ import annotations
 
 import io
-import os
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from scipy import ndimage
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_reweight.data.cifar10 import load_cifar10
 from lightning_reweight.data.indexed import IndexedDataset
 
 __all__ = [
@@ -280,42 +279,6 @@ def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -
         chunk = images[start:start + _CHUNK].astype(np.float64) / 255.0
         out[start:start + _CHUNK] = (np.clip(fn(chunk, param, rng), 0, 1) * 255).astype(np.uint8)
     return out
-
-
-# ----------------------------------------------------------------------------- CIFAR-10 loading
-
-def load_cifar10(root: str | os.PathLike = "../shared/datasets", split: str = "test",
-                 cache_dir: str | os.PathLike | None = ".cache/lightning_reweight") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode ``{root}/cifar10/cifar10_{split}_jpg.zip`` into ``(images uint8 (N,32,32,3), labels int64, classes)``.
-
-    Classes are the sorted folder names (airplane … truck, the usual CIFAR-10 order); images come in member
-    order (sorted by class). The decoded arrays are cached as ``{cache_dir}/cifar10_{split}.npz``
-    (``cache_dir=None`` disables the cache).
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"Expected argument `split` to be 'train' or 'test', but got {split!r}.")
-    cache = Path(cache_dir) / f"cifar10_{split}.npz" if cache_dir is not None else None
-    if cache is not None and cache.exists():
-        with np.load(cache, allow_pickle=False) as f:
-            return f["images"], f["labels"], [str(c) for c in f["classes"]]
-    path = Path(root) / "cifar10" / f"cifar10_{split}_jpg.zip"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"CIFAR-10 archive not found at {path}. Pass `root=` pointing at the folder that holds "
-            "`cifar10/cifar10_{train,test}_jpg.zip` (default '../shared/datasets', relative to the working directory)."
-        )
-    with zipfile.ZipFile(path) as zf:
-        names = sorted(n for n in zf.namelist() if n.lower().endswith(".jpg"))
-        classes = sorted({n.split("/")[-2] for n in names})
-        lookup = {c: i for i, c in enumerate(classes)}
-        labels = np.array([lookup[n.split("/")[-2]] for n in names], dtype=np.int64)
-        images = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in names])
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, labels=labels, classes=np.array(classes))
-        tmp.replace(cache)
-    return images, labels, classes
 
 
 class CorruptedImages(Dataset):
