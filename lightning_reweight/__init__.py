@@ -1,14 +1,38 @@
 """lightning_reweight: decide how much each training sample counts and how often it is drawn."""
 
-from lightning_reweight.callbacks import GlobalBatch, LossReweighting, WeightingCallback
+from lightning_reweight.callbacks import (
+    EATA,
+    AdaWAC,
+    FairErrorBoundScaling,
+    GlobalBatch,
+    GroupBalancing,
+    GroupDRO,
+    ImportanceSampling,
+    LossReweighting,
+    SamplerState,
+    Tent,
+    WeightingCallback,
+)
 from lightning_reweight.contract import MissingIndexError, reduce_loss
-from lightning_reweight.data import IndexedDataset, indexed_collate
+from lightning_reweight.data import IndexedDataset, SamplingDataModule, indexed_collate
 from lightning_reweight.rules import create_rule
+from lightning_reweight.samplers import RS2Sampler, WeightedSampler
 from lightning_reweight.state import SampleStateTable
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdaWAC",
+    "EATA",
+    "FairErrorBoundScaling",
+    "GroupBalancing",
+    "GroupDRO",
+    "ImportanceSampling",
+    "RS2Sampler",
+    "SamplerState",
+    "SamplingDataModule",
+    "Tent",
+    "WeightedSampler",
     "GlobalBatch",
     "IndexedDataset",
     "LossReweighting",

@@ -1,7 +1,35 @@
-"""Data: the index-yielding wrapper, collate, DataModule plugin and data sets."""
+"""Data: the index-yielding wrapper, collate, DataModule plugins and real-data DataModules.
 
+Real-data modules read from ``root`` (default ``../shared/datasets``): ``AdultDataModule``,
+``CIFAR10CDataModule``, ``ISBI2012DataModule``, ``PH2DataModule``.
+"""
+
+from lightning_reweight.data.adult import AdultDataModule
+from lightning_reweight.data.cifar10 import cifar10_lt_counts, load_cifar10, long_tail_indices
+from lightning_reweight.data.corruptions import CIFAR10CDataModule, corrupt
 from lightning_reweight.data.digits import DigitsDataModule, long_tail_counts, long_tail_subset
 from lightning_reweight.data.indexed import IndexedDataset, indexed_collate, infer_targets
+from lightning_reweight.data.plugin import SamplingDataModule, register_sampler
+from lightning_reweight.data.segmentation import ISBI2012DataModule, PH2DataModule
+from lightning_reweight.data.smote import SMOTEDataModule, smote_resample
 
-__all__ = ["DigitsDataModule", "IndexedDataset", "indexed_collate", "infer_targets", "long_tail_counts",
-           "long_tail_subset"]
+__all__ = [
+    "AdultDataModule",
+    "CIFAR10CDataModule",
+    "DigitsDataModule",
+    "ISBI2012DataModule",
+    "IndexedDataset",
+    "PH2DataModule",
+    "SMOTEDataModule",
+    "SamplingDataModule",
+    "cifar10_lt_counts",
+    "corrupt",
+    "indexed_collate",
+    "infer_targets",
+    "load_cifar10",
+    "long_tail_counts",
+    "long_tail_indices",
+    "long_tail_subset",
+    "register_sampler",
+    "smote_resample",
+]

@@ -1,10 +1,25 @@
-"""Weight rules: per-sample losses (and rule state) -> non-negative weights.
+"""What decides weights: pure functions, no Lightning.
 
-``create_rule(name, **kwargs)`` builds a rule object from the registry ``RULES``; an unknown name raises with
-the valid ones. A rule is a callable ``rule(losses) -> weights`` with ``state_dict``/``load_state_dict`` for
-anything it keeps across steps.
+* ``instance`` — per-sample losses -> weights (LinUpper / Quadratic / Extremes, KL-DRO); ``create_rule(name,
+  **kwargs)`` builds one from the registry ``RULES`` (an unknown name raises with the valid ones). A rule is a
+  callable ``rule(losses) -> weights`` with ``state_dict``/``load_state_dict`` for anything it keeps.
+* ``balance`` — class/group temperature distributions, upweight factors, the Cooldown schedule.
+* ``importance`` — importance-sampling scores, probabilities with a uniform floor, unbiasing weights.
+* ``fairness`` — GroupDRO and FEBS group weights, FEBS-Dice.
+* ``adawac`` — AdaWAC's mirror-descent step.
+* ``tta`` — EATA/Tent entropy filters, sample weights, Fisher penalty.
 """
 
+from lightning_reweight.rules.adawac import adawac_mirror_step
+from lightning_reweight.rules.balance import (
+    TemperatureSchedule,
+    cooldown_tau,
+    create_schedule,
+    temperature_distribution,
+    upweight_factors,
+)
+from lightning_reweight.rules.fairness import febs_group_scales, febs_loss_multipliers, group_dro_update
+from lightning_reweight.rules.importance import gradnorm_score, importance_probabilities, unbiasing_weights
 from lightning_reweight.rules.instance import (
     clip_weights,
     effective_sample_size,
@@ -25,8 +40,25 @@ from lightning_reweight.rules.registry import (
     create_rule,
     register_rule,
 )
+from lightning_reweight.rules.tta import eata_select, entropy_margin, fisher_penalty, softmax_entropy
 
 __all__ = [
+    "adawac_mirror_step",
+    "TemperatureSchedule",
+    "cooldown_tau",
+    "create_schedule",
+    "eata_select",
+    "entropy_margin",
+    "febs_group_scales",
+    "febs_loss_multipliers",
+    "fisher_penalty",
+    "gradnorm_score",
+    "group_dro_update",
+    "importance_probabilities",
+    "softmax_entropy",
+    "temperature_distribution",
+    "unbiasing_weights",
+    "upweight_factors",
     "RULES",
     "Rule",
     "UniformRule",

@@ -1,5 +1,6 @@
 """What draws samples: the weighted draw core and the samplers built on it."""
 
+from lightning_reweight.samplers.balanced import TemperatureSampler
 from lightning_reweight.samplers.core import (
     AliasTable,
     WeightedSampler,
@@ -10,10 +11,13 @@ from lightning_reweight.samplers.core import (
     uniform_indices,
     validate_weights,
 )
+from lightning_reweight.samplers.importance import ImportanceSampler
 from lightning_reweight.samplers.rs2 import RS2Sampler, rs2_cosine_schedule
 
 __all__ = [
     "AliasTable",
+    "ImportanceSampler",
+    "TemperatureSampler",
     "RS2Sampler",
     "WeightedSampler",
     "build_alias_table",

@@ -38,6 +38,12 @@ class Column:
     dtype: torch.dtype = torch.float32
 
 
+def _same_spec(a: Column, b: Column) -> bool:
+    """Spec equality that treats two NaN ``init`` values as equal."""
+    same_init = a.init == b.init or (a.init != a.init and b.init != b.init)
+    return same_init and (a.kind, a.decay, a.dtype) == (b.kind, b.decay, b.dtype)
+
+
 DEFAULT_COLUMNS: dict[str, Column] = {
     "loss": Column("last", float("nan")),
     "ema_loss": Column("ema", float("nan"), decay=0.9),
@@ -83,7 +89,7 @@ class SampleStateTable:
     def add_column(self, name: str, spec: Column) -> None:
         """Declare a method-specific column (no-op if it already exists with the same spec)."""
         if name in self.specs:
-            if self.specs[name] != spec:
+            if not _same_spec(self.specs[name], spec):
                 raise ValueError(f"Column {name!r} already exists with a different spec: {self.specs[name]}.")
             return
         self.specs[name] = spec

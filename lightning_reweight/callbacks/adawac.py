@@ -1,0 +1,194 @@
+"""``AdaWAC``: per-sample adaptive weights between a supervised and a consistency loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
+from lightning_reweight.callbacks.logging import log_histogram, log_weight_stats
+from lightning_reweight.rules.adawac import adawac_update, check_eta
+from lightning_reweight.state.table import Column
+
+__all__ = ["AdaWAC"]
+
+_HOW = """
+    sup = F.cross_entropy(logits, mask, reduction="none").flatten(1).mean(1)         # (B,) supervised
+    cons = lam * (feat_view1 - feat_view2).pow(2).flatten(1).mean(1)                # (B,) consistency
+    loss = reduce_loss(self, sup, index, consistency=cons)
+(`lightning_reweight.models.segmenter.SegmentationModule` does this for paired batches.)"""
+
+
+class AdaWAC(WeightingCallback):
+    """Adaptively weighted augmentation consistency ("Adaptively Weighted Data Augmentation Consistency
+    Regularization for Robust Optimization under Concept Shift", Dong, Xie, Ward, ICML 2023).
+
+    Every training sample i keeps ``(β_sup, β_cons)`` on the simplex (init ``(½, ½)``) in the state table.
+    Each step, from the detached losses of the *global* batch and before the step's loss is formed, the
+    visited rows take one exponentiated-gradient step ``β_sup ← β_sup·exp(η ℓ_sup)``,
+    ``β_cons ← β_cons·exp(η ℓ_cons)``, then L1-normalise (``lightning_reweight.rules.adawac``); the
+    sample's loss becomes ``β_sup·ℓ_sup + β_cons·ℓ_cons``. Samples whose supervised loss stays small
+    (label-sparse, all-background ones) move their weight to the consistency term. Sample weights are
+    otherwise uniform: the callback acts through ``transform_losses`` only. Every rank applies the same
+    update to the same gathered batch, so the tables stay identical under DDP; they are checkpointed.
+
+    The module hands the supervised loss as ``losses`` and the consistency loss as the ``consistency``
+    extra (``SegmentationModule`` does so for paired batches); the paper's Dice term stays outside
+    ``reduce_loss`` with a fixed weight. ``η = 0`` keeps ``(½, ½)``: plain ERM + consistency regularisation.
+
+    Table columns: ``beta_sup``, ``beta_cons``, ``loss_sup``, ``loss_cons`` (last seen values), ``sparse``
+    (−1 unknown, 0 label-dense, 1 label-sparse, from the ``sparse`` extra when the batch has one), plus the
+    base columns (``loss`` = the combined loss, ``count``, ...).
+
+    Logged every ``log_every_n_steps`` (TensorBoard): ``adawac/beta_sup/{mean,max,min,ess,ess_frac}`` and
+    the ``adawac/beta_sup/weights`` histogram over the global batch (``group_{g}/mean|mass`` when the batch
+    has groups), ``adawac/loss_sup``, ``adawac/loss_cons``, and over all visited samples of the table
+    ``adawac/table/beta_sup_mean`` with histogram ``adawac/table/beta_sup`` — split into
+    ``..._dense``/``..._sparse`` when the label-sparse flags are known.
+
+    Args:
+        eta: mirror-descent step size η (paper: 8.0 for UNet, 2.0 for TransUNet).
+        consistency_key: name of the ``reduce_loss`` extra holding the per-sample consistency loss.
+        sparse_key: name of the optional extra flagging label-sparse samples (logging only).
+        num_samples: training set size N (inferred from the train dataloader if ``None``).
+        ema_decay, log_every_n_steps, log_histogram, name: see ``WeightingCallback``.
+
+    Raises:
+        ValueError: a negative or non-finite ``eta``; at run time a missing or mis-shaped consistency loss.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AdaWAC(eta=8.0)])
+        trainer.fit(SegmentationModule(in_channels=3), datamodule=PH2DataModule(paired=True))
+    """
+
+    log_prefix = "adawac"
+
+    def __init__(
+        self,
+        eta: float = 8.0,
+        consistency_key: str = "consistency",
+        sparse_key: str = "sparse",
+        num_samples: int | None = None,
+        ema_decay: float = 0.9,
+        log_every_n_steps: int = 50,
+        log_histogram: bool = True,
+        name: str | None = None,
+    ):
+        super().__init__(num_samples, True, ema_decay, log_every_n_steps, log_histogram, name)
+        self.eta = check_eta(eta)
+        if not isinstance(consistency_key, str) or not consistency_key:
+            raise ValueError(f"Expected argument `consistency_key` to be a non-empty string, but got {consistency_key!r}.")
+        self.consistency_key = consistency_key
+        self.sparse_key = sparse_key
+        self._parts: tuple[Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------------ table
+    @override
+    def extra_columns(self) -> dict[str, Column]:
+        return {
+            "beta_sup": Column("last", 0.5),
+            "beta_cons": Column("last", 0.5),
+            "loss_sup": Column("last", 0.0),
+            "loss_cons": Column("last", 0.0),
+            "sparse": Column("last", -1.0),
+        }
+
+    def betas(self, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(β_sup, β_cons)`` of the samples ``index`` (all samples if ``None``); raises before training."""
+        if self.table is None:
+            raise RuntimeError("AdaWAC has no table yet: it is created at the first training step (or on resume).")
+        rows = slice(None) if index is None else self.table.check_index(index)
+        return self.table["beta_sup"][rows].clone(), self.table["beta_cons"][rows].clone()
+
+    # ------------------------------------------------------------------ the step
+    @override
+    def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        super().validate_batch(batch, trainer)
+        cons = batch.extras.get(self.consistency_key)
+        if cons is None:
+            raise ValueError(
+                f"AdaWAC needs a per-sample consistency loss, but `reduce_loss` got no `{self.consistency_key}=` "
+                f"extra (extras: {sorted(batch.extras)}). Train on paired views (e.g. `PH2DataModule(paired=True)`) "
+                "and pass it:" + _HOW
+            )
+        if cons.ndim != 1 or cons.shape != batch.losses.shape:
+            raise ValueError(
+                f"Expected the `{self.consistency_key}` loss to have shape {tuple(batch.losses.shape)} (one value per "
+                f"sample, like `losses`), but got {tuple(cons.shape)}. Average it over features per sample."
+            )
+        if not bool(torch.isfinite(cons.double()).all()):
+            raise ValueError(f"Expected a finite `{self.consistency_key}` loss, but got NaN or inf; no state was updated.")
+
+    @override
+    def transform_losses(self, losses: Tensor, extras: dict[str, Tensor], batch: GlobalBatch, trainer: pl.Trainer,
+                         pl_module: pl.LightningModule) -> Tensor:
+        cons_local = extras[self.consistency_key]
+        if not isinstance(cons_local, Tensor) or cons_local.shape != losses.shape:
+            raise ValueError(
+                f"Expected the `{self.consistency_key}` loss to be a tensor of shape {tuple(losses.shape)}, but got "
+                f"{tuple(getattr(cons_local, 'shape', ()))}."
+            )
+        table = self.table
+        loss_sup, loss_cons = batch.losses, batch.extras[self.consistency_key].float()
+        rows, new_sup, new_cons = adawac_update(table["beta_sup"], table["beta_cons"], batch.index, loss_sup,
+                                                loss_cons, self.eta)
+        table["beta_sup"][rows] = new_sup
+        table["beta_cons"][rows] = new_cons
+        sparse = batch.extras.get(self.sparse_key)
+        if sparse is not None and sparse.shape == batch.index.shape:
+            table["sparse"][batch.index] = sparse.float()
+        self._parts = (loss_sup.clone(), loss_cons.clone())
+        local = batch.index[batch.local]
+        b_sup = table["beta_sup"][local].to(losses.device, losses.dtype)
+        b_cons = table["beta_cons"][local].to(losses.device, losses.dtype)
+        return b_sup * losses + b_cons * cons_local.to(losses.dtype)
+
+    @override
+    def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
+                            pl_module: pl.LightningModule) -> None:
+        extra = {}
+        if self._parts is not None:
+            extra = {"loss_sup": self._parts[0], "loss_cons": self._parts[1]}
+        self.table.update(batch.index, loss=batch.losses, ema_loss=batch.losses, weight=weights, **extra)
+        self._last = (batch, weights)
+
+    # ------------------------------------------------------------------ logging
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._last is None:
+            return
+        gbatch, _ = self._last
+        parts, self._last, self._parts = self._parts, None, None
+        if not (self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0):
+            return
+        self._log(trainer, pl_module, gbatch, parts)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gbatch: GlobalBatch,
+             parts: tuple[Tensor, Tensor] | None) -> None:
+        table, prefix, step = self.table, self.prefix, gbatch.global_step
+        log_weight_stats(trainer, pl_module, f"{prefix}/beta_sup", table["beta_sup"][gbatch.index], gbatch.group,
+                         histogram=self.log_histogram)
+        seen = table["count"] > 0
+        flags = table["sparse"]
+        splits = {"beta_sup": seen}
+        if bool((seen & (flags >= 0)).any()):
+            splits.update(beta_sup_dense=seen & (flags == 0), beta_sup_sparse=seen & (flags == 1))
+        values: dict[str, float] = {}
+        for key, rows in splits.items():
+            beta = table["beta_sup"][rows]
+            if beta.numel() == 0:
+                continue
+            values[f"{prefix}/table/{key}_mean"] = float(beta.mean())
+            if self.log_histogram:
+                log_histogram(trainer, f"{prefix}/table/{key}", beta, step)
+        if parts is not None:
+            values[f"{prefix}/loss_sup"] = float(parts[0].mean())
+            values[f"{prefix}/loss_cons"] = float(parts[1].mean())
+        if values:
+            pl_module.log_dict(values, rank_zero_only=True, on_step=True, on_epoch=False)

@@ -1,0 +1,131 @@
+"""AdaWAC's per-sample mirror-descent step (pure functions, no Lightning).
+
+"Adaptively Weighted Data Augmentation Consistency Regularization for Robust Optimization under Concept
+Shift" (Dong, Xie, Ward, ICML 2023) gives every training sample i a point ``β_i = (β_sup, β_cons)`` on the
+2-simplex, initialised at ``(½, ½)``. Each step, *before* the loss of that step is formed and from the
+step's detached losses, the visited rows move by one exponentiated-gradient (entropic mirror ascent) step::
+
+    β_sup  ← β_sup  · exp(η · ℓ_sup)
+    β_cons ← β_cons · exp(η · ℓ_cons)
+    β      ← β / (β_sup + β_cons)                       (L1 normalisation)
+
+which is the same as ``β_sup ← σ(log(β_sup/β_cons) + η(ℓ_sup − ℓ_cons))``. The sample's loss is then
+``β_sup·ℓ_sup + β_cons·ℓ_cons``: a sample whose supervised loss stays below its consistency loss (an
+easy, e.g. all-background "label-sparse", sample) shifts its weight to the consistency term.
+
+Defaults from the paper / official code (``gail-yxie/adawac``): ``η = 8.0`` for UNet, ``2.0`` for TransUNet;
+no clipping; only the batch's rows change.
+
+Ours, not the paper's:
+
+* The step is computed in log-ratio space (float64), so ``exp(η·ℓ)`` cannot overflow to ``inf``/``NaN``
+  for large losses (the official code multiplies in float32). Results equal the official update whenever
+  that one is finite.
+* A sample that appears ``k`` times in one (global) batch takes the ``k`` steps one after the other, i.e.
+  its log-ratio moves by ``η·Σ(ℓ_sup − ℓ_cons)`` over its occurrences (the official loader never repeats
+  a sample within a batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["adawac_mirror_step", "adawac_update", "check_eta"]
+
+# log of the smallest positive normal float32: keeps log(0) finite when a β has underflowed in storage
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+def check_eta(eta: float) -> float:
+    """Validate the mirror-descent step size ``η`` (finite, ≥ 0; ``η = 0`` keeps ``β`` fixed at its init)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"Expected argument `eta` to be a finite number >= 0, but got {eta!r}.")
+    return float(eta)
+
+
+def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    for name, t in ((name_a, a), (name_b, b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Expected argument `{name}` to be a torch.Tensor, but got {type(t).__name__}.")
+        if t.ndim != 1:
+            raise ValueError(f"Expected argument `{name}` to be 1-D (one value per sample), but got shape {tuple(t.shape)}.")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"Expected arguments `{name_a}` and `{name_b}` to have the same shape, but got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}."
+        )
+
+
+def adawac_mirror_step(
+    beta_sup: Tensor, beta_cons: Tensor, loss_sup: Tensor, loss_cons: Tensor, eta: float = 8.0
+) -> tuple[Tensor, Tensor]:
+    """One exponentiated-gradient step of AdaWAC's per-sample weights.
+
+    Args:
+        beta_sup: ``(B,)`` current weights of the supervised loss (in ``[0, 1]``).
+        beta_cons: ``(B,)`` current weights of the consistency loss (``beta_sup + beta_cons = 1``).
+        loss_sup: ``(B,)`` detached per-sample supervised losses ``ℓ_sup``.
+        loss_cons: ``(B,)`` detached per-sample consistency losses ``ℓ_cons``.
+        eta: step size ``η`` (paper: 8.0 for UNet, 2.0 for TransUNet).
+
+    Returns:
+        ``(beta_sup, beta_cons)`` after the step, on the simplex, in the dtype of ``beta_sup``.
+
+    Example::
+
+        >>> b_sup, b_cons = adawac_mirror_step(torch.tensor([.5]), torch.tensor([.5]),
+        ...                                    torch.tensor([1.0]), torch.tensor([0.0]), eta=1.0)
+        >>> round(float(b_sup), 4)  # e / (e + 1)
+        0.7311
+    """
+    eta = check_eta(eta)
+    _check_pair("beta_sup", beta_sup, "beta_cons", beta_cons)
+    _check_pair("loss_sup", loss_sup, "loss_cons", loss_cons)
+    if beta_sup.shape != loss_sup.shape:
+        raise ValueError(
+            f"Expected one loss per weight, but got weights of shape {tuple(beta_sup.shape)} and losses of shape "
+            f"{tuple(loss_sup.shape)}."
+        )
+    step = eta * (loss_sup.detach().double() - loss_cons.detach().double())
+    return _step_log_ratio(beta_sup, beta_cons, step)
+
+
+def _step_log_ratio(beta_sup: Tensor, beta_cons: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+    log_sup = beta_sup.detach().double().clamp_min(0).log().clamp_min(_LOG_TINY)
+    log_cons = beta_cons.detach().double().clamp_min(0).log().clamp_min(_LOG_TINY)
+    z = log_sup - log_cons + step.to(log_sup.device)
+    return torch.sigmoid(z).to(beta_sup.dtype), torch.sigmoid(-z).to(beta_sup.dtype)
+
+
+def adawac_update(
+    beta_sup: Tensor, beta_cons: Tensor, index: Tensor, loss_sup: Tensor, loss_cons: Tensor, eta: float = 8.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The mirror step for a (global) batch read from and meant for per-sample columns of length N.
+
+    Args:
+        beta_sup: ``(N,)`` column of supervised weights (not modified).
+        beta_cons: ``(N,)`` column of consistency weights (not modified).
+        index: ``(B,)`` dataset indices of the batch; repeats allowed (their steps add up).
+        loss_sup: ``(B,)`` detached supervised losses.
+        loss_cons: ``(B,)`` detached consistency losses.
+        eta: step size ``η``.
+
+    Returns:
+        ``(rows, new_beta_sup, new_beta_cons)``: the distinct indices of the batch and their updated weights;
+        write them back with ``column[rows] = new``.
+    """
+    eta = check_eta(eta)
+    _check_pair("loss_sup", loss_sup, "loss_cons", loss_cons)
+    index = index.reshape(-1).to(torch.int64)
+    if index.numel() != loss_sup.numel():
+        raise ValueError(
+            f"Expected one index per loss, but got {index.numel()} indices and {loss_sup.numel()} losses."
+        )
+    rows, inverse = torch.unique(index.cpu(), return_inverse=True)
+    diff = loss_sup.detach().double().cpu() - loss_cons.detach().double().cpu()
+    step = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, inverse, eta * diff)
+    new_sup, new_cons = _step_log_ratio(beta_sup[rows], beta_cons[rows], step)
+    return rows, new_sup, new_cons
