@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_reweight.rules.fairness import check_groups
+from lightning_reweight.rules.fairness import check_class_ids, check_groups
 
 EquityMode = Literal["sum_abs", "std"]
 
@@ -88,14 +88,7 @@ def _to_labels(preds: Tensor, target: Tensor, threshold: float, num_classes: int
 
 
 def _check_target(target: Tensor, num_classes: int) -> Tensor:
-    if target.is_floating_point():
-        raise TypeError(f"Expected argument `target` to hold integer class ids, but got dtype {target.dtype}.")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(
-            f"Expected argument `target` to hold class ids in [0, {num_classes}), but got values in "
-            f"[{int(target.min())}, {int(target.max())}]."
-        )
-    return target.long()
+    return check_class_ids(target, num_classes)
 
 
 # ------------------------------------------------------------------------------------ per-sample scores

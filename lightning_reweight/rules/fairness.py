@@ -158,8 +158,8 @@ def febs_loss_multipliers(
     return m
 
 
-def _one_hot_target(target: Tensor, num_classes: int) -> Tensor:
-    """``(B, *)`` integer labels -> ``(B, C, *)`` float one-hot."""
+def check_class_ids(target: Tensor, num_classes: int) -> Tensor:
+    """Validate integer class ids in ``[0, num_classes)``; returns them as long."""
     if target.is_floating_point():
         raise TypeError(f"Expected argument `target` to hold integer class ids, but got dtype {target.dtype}.")
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
@@ -167,7 +167,12 @@ def _one_hot_target(target: Tensor, num_classes: int) -> Tensor:
             f"Expected argument `target` to hold class ids in [0, {num_classes}), but got values in "
             f"[{int(target.min())}, {int(target.max())}]."
         )
-    return F.one_hot(target.long(), num_classes).movedim(-1, 1).float()
+    return target.long()
+
+
+def _one_hot_target(target: Tensor, num_classes: int) -> Tensor:
+    """``(B, *)`` integer labels -> ``(B, C, *)`` float one-hot."""
+    return F.one_hot(check_class_ids(target, num_classes), num_classes).movedim(-1, 1).float()
 
 
 def soft_dice_stats(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
