@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -77,8 +78,10 @@ class ImageClassifier(pl.LightningModule):
         metrics = dict(acc=MulticlassAccuracy(num_classes, average="micro"),
                        balanced_acc=MulticlassAccuracy(num_classes, average="macro"),
                        class_acc=MulticlassAccuracy(num_classes, average="none"))
-        self.val_metrics = torch.nn.ModuleDict({k: m.clone() for k, m in metrics.items()})
-        self.test_metrics = torch.nn.ModuleDict({k: m.clone() for k, m in metrics.items()})
+        # one metric set per evaluation dataloader (grown on first use), so several test streams (e.g. one per
+        # corruption) are scored separately: keys get a ``/dataloader_idx_k`` suffix when there are several
+        self.val_metrics = torch.nn.ModuleList([torch.nn.ModuleDict({k: m.clone() for k, m in metrics.items()})])
+        self.test_metrics = torch.nn.ModuleList([torch.nn.ModuleDict({k: m.clone() for k, m in metrics.items()})])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -94,29 +97,40 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/plain_loss", losses.detach().mean())
         return loss
 
-    def _eval_step(self, batch: Any, metrics: torch.nn.ModuleDict, stage: str) -> None:
+    def _eval_step(self, batch: Any, metric_sets: torch.nn.ModuleList, stage: str, dataloader_idx: int) -> None:
         x, y, *_ = unpack_batch(batch)
         logits = self(x)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        for m in metrics.values():
+        while len(metric_sets) <= dataloader_idx:
+            fresh = copy.deepcopy(metric_sets[0])
+            for m in fresh.values():
+                m.reset()
+            metric_sets.append(fresh.to(self.device))
+        for m in metric_sets[dataloader_idx].values():
             m.update(logits, y)
 
-    def _eval_epoch_end(self, metrics: torch.nn.ModuleDict, stage: str) -> None:
-        self.log(f"{stage}/acc", metrics["acc"].compute(), prog_bar=True)
-        self.log(f"{stage}/balanced_acc", metrics["balanced_acc"].compute(), prog_bar=True)
-        for c, v in enumerate(metrics["class_acc"].compute()):
-            self.log(f"{stage}/class_acc/{c}", v)
-        for m in metrics.values():
-            m.reset()
+    def _eval_epoch_end(self, metric_sets: torch.nn.ModuleList, stage: str) -> None:
+        active = [i for i, metrics in enumerate(metric_sets) if metrics["acc"].update_count > 0]
+        several = any(i > 0 for i in active)
+        for i in active:
+            metrics = metric_sets[i]
+            sfx = f"/dataloader_idx_{i}" if several else ""
+            kw = {"add_dataloader_idx": False}
+            self.log(f"{stage}/acc{sfx}", metrics["acc"].compute(), prog_bar=True, **kw)
+            self.log(f"{stage}/balanced_acc{sfx}", metrics["balanced_acc"].compute(), prog_bar=True, **kw)
+            for c, v in enumerate(metrics["class_acc"].compute()):
+                self.log(f"{stage}/class_acc/{c}{sfx}", v, **kw)
+            for m in metrics.values():
+                m.reset()
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.val_metrics, "val")
+        self._eval_step(batch, self.val_metrics, "val", dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end(self.val_metrics, "val")
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+        self._eval_step(batch, self.test_metrics, "test", dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_metrics, "test")
