@@ -120,7 +120,7 @@ def main() -> None:
         table = SampleStateTable(size)
         idx = torch.randint(0, size, (args.batch_size,), generator=g)
         vals = torch.rand(args.batch_size, generator=g)
-        t = median_time(lambda: table.update(idx, loss=vals, ema_loss=vals, weight=vals), repeats=50, warmup=5)
+        t = median_time(lambda t=table, i=idx, v=vals: t.update(i, loss=v, ema_loss=v, weight=v), repeats=50, warmup=5)
         upd_ms[size] = t * 1e3
         upd_rows.append({"N": f"{size:.0e}", "table MiB": f"{table.nbytes() / 2**20:.1f}",
                          "update ms / step": f"{t * 1e3:.3f}"})
