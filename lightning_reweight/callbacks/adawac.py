@@ -10,7 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
-from lightning_reweight.callbacks.logging import log_histogram, log_weight_stats
+from lightning_reweight.callbacks.logging import log_histogram, log_scalars, log_weight_stats
 from lightning_reweight.rules.adawac import adawac_update, check_eta
 from lightning_reweight.state.table import Column
 
@@ -161,19 +161,27 @@ class AdaWAC(WeightingCallback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Every ``log_every_n_steps``: the batch's β_sup statistics and mean losses (O(batch))."""
         if self._last is None:
             return
         gbatch, _ = self._last
         parts, self._last, self._parts = self._parts, None, None
         if not (self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0):
             return
-        self._log(trainer, pl_module, gbatch, parts)
+        prefix, step = self.prefix, gbatch.global_step
+        log_weight_stats(trainer, pl_module, f"{prefix}/beta_sup", self.table["beta_sup"][gbatch.index],
+                         gbatch.group, histogram=self.log_histogram, step=step)
+        if parts is not None:
+            log_scalars(trainer, {f"{prefix}/loss_sup": float(parts[0].mean()),
+                                  f"{prefix}/loss_cons": float(parts[1].mean())}, step)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gbatch: GlobalBatch,
-             parts: tuple[Tensor, Tensor] | None) -> None:
-        table, prefix, step = self.table, self.prefix, gbatch.global_step
-        log_weight_stats(trainer, pl_module, f"{prefix}/beta_sup", table["beta_sup"][gbatch.index], gbatch.group,
-                         histogram=self.log_histogram)
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per epoch: β_sup over every visited sample, split label-dense / label-sparse (O(N))."""
+        table = self.table
+        if table is None or self.log_every_n_steps == 0:
+            return
+        prefix, step = self.prefix, trainer.global_step
         seen = table["count"] > 0
         flags = table["sparse"]
         splits = {"beta_sup": seen}
@@ -187,8 +195,4 @@ class AdaWAC(WeightingCallback):
             values[f"{prefix}/table/{key}_mean"] = float(beta.mean())
             if self.log_histogram:
                 log_histogram(trainer, f"{prefix}/table/{key}", beta, step)
-        if parts is not None:
-            values[f"{prefix}/loss_sup"] = float(parts[0].mean())
-            values[f"{prefix}/loss_cons"] = float(parts[1].mean())
-        if values:
-            pl_module.log_dict(values, rank_zero_only=True, on_step=True, on_epoch=False)
+        log_scalars(trainer, values, step)
