@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,11 @@ def run_ddp_script(script: str | Path, out_dir: str | Path, *args: str, timeout:
     if proc.returncode != 0:
         raise AssertionError(f"DDP script {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def make_trainer(callbacks, tmp_path, **kw) -> pl.Trainer:
+    """A quiet single-process CPU Trainer for unit tests (``kw`` overrides the defaults)."""
+    args = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    args.update(kw)
+    return pl.Trainer(callbacks=callbacks, **args)

@@ -38,6 +38,15 @@ from lightning_reweight.metrics.functional import (
 __all__ = ["EquityScaledDice", "EquityScaledIoU", "EquityScaledAccuracy", "EquityScaledAUROC"]
 
 
+def _set_equity_args(metric: Metric, num_groups: int, mode: EquityMode, alpha: float,
+                     ignore_index: int | None) -> None:
+    """Validate and store the arguments every equity-scaled metric shares."""
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"Expected argument `num_groups` to be a positive int, but got {num_groups!r}.")
+    _check_mode(mode, alpha)
+    metric.num_groups, metric.mode, metric.alpha, metric.ignore_index = num_groups, mode, float(alpha), ignore_index
+
+
 class _EquityScaledMean(Metric):
     """Shared machinery: per-sample scores -> overall and per-group sums -> equity-scaled mean."""
 
@@ -50,10 +59,7 @@ class _EquityScaledMean(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-            raise ValueError(f"Expected argument `num_groups` to be a positive int, but got {num_groups!r}.")
-        _check_mode(mode, alpha)
-        self.num_groups, self.mode, self.alpha, self.ignore_index = num_groups, mode, float(alpha), ignore_index
+        _set_equity_args(self, num_groups, mode, alpha, ignore_index)
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("group_total", torch.zeros(num_groups, dtype=torch.float64), dist_reduce_fx="sum")
@@ -165,10 +171,7 @@ class EquityScaledAUROC(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-            raise ValueError(f"Expected argument `num_groups` to be a positive int, but got {num_groups!r}.")
-        _check_mode(mode, alpha)
-        self.num_groups, self.mode, self.alpha, self.ignore_index = num_groups, mode, float(alpha), ignore_index
+        _set_equity_args(self, num_groups, mode, alpha, ignore_index)
         self.add_state("preds", [], dist_reduce_fx="cat")
         self.add_state("target", [], dist_reduce_fx="cat")
         self.add_state("group", [], dist_reduce_fx="cat")

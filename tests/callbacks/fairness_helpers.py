@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reweight import IndexedDataset, reduce_loss
+from tests.helpers import make_trainer  # noqa: F401  (re-exported to the tests here)
 
 
 class GroupedModule(pl.LightningModule):
@@ -38,8 +39,3 @@ def make_grouped_loader(n=24, batch_size=8, num_groups=3, seed=0, groups=None, s
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle)
 
 
-def make_trainer(callbacks, tmp_path, **kw):
-    args = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    args.update(kw)
-    return pl.Trainer(callbacks=callbacks, **args)
