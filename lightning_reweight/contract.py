@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_reweight.callbacks.base import GlobalBatch, weighting_callbacks
+from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback, weighting_callbacks
 from lightning_reweight.distributed import gather_rows, local_slice
 from lightning_reweight.rules.instance import check_losses
 
@@ -69,6 +69,41 @@ def _check_rows(name: str, value: Any, n: int) -> Tensor:
     return t
 
 
+def _check_ids(name: str, value: Any, n: int, what: str) -> Tensor:
+    """``index`` / ``group``: exactly 1-D, one integer per sample (no float or bool ids: 0.9 would become 0)."""
+    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise ValueError(
+            f"Expected argument `{name}` to be 1-D with one {what} per sample, shape ({n},), but got shape "
+            f"{tuple(t.shape)}. Pass one {what} per sample (e.g. the `{name}` column IndexedDataset adds)."
+        )
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(
+            f"Expected argument `{name}` to hold integer {what}s, but got dtype {t.dtype}. Casting would "
+            f"truncate silently (0.9 -> 0); pass an integer tensor (e.g. `{name}.long()` if the values are whole)."
+        )
+    return t.to(torch.int64)
+
+
+def _host(values: list[Tensor]) -> list[float]:
+    """Read a few scalars back to the host in one transfer (the step's only host synchronisations)."""
+    return torch.stack([v.reshape(()).to(torch.float64) for v in values]).tolist()
+
+
+def _training_set_size(callbacks: list[WeightingCallback], trainer: pl.Trainer) -> int | None:
+    sizes = [n for n in (cb.table.num_samples if cb.table is not None else cb.training_set_size(trainer)
+                         for cb in callbacks) if n is not None]
+    return min(sizes) if sizes else None
+
+
+def _batch_device(losses: Tensor, callbacks: list[WeightingCallback]) -> torch.device:
+    """The losses' device when every callback can work there, else the CPU."""
+    if losses.device.type == "cpu":
+        return losses.device
+    ok = all(cb.device_ready and (cb.device == "auto" or cb.device == losses.device) for cb in callbacks)
+    return losses.device if ok else torch.device("cpu")
+
+
 def reduce_loss(
     module: pl.LightningModule,
     losses: Tensor,
@@ -80,11 +115,16 @@ def reduce_loss(
 ) -> Tensor:
     """Reduce per-sample ``losses`` to the scalar to back-propagate, as the attached callbacks decide.
 
+    A step is atomic: every callback first *proposes* (``validate_batch``, ``transform_losses``,
+    ``compute_weights``; no state changes), then the proposals and their combination are *validated*, and only
+    then every callback *commits* (``on_weights_computed``). A rejected step leaves every callback's state and
+    table as they were.
+
     Args:
         module: the LightningModule (``self`` inside ``training_step``).
         losses: ``(B,)`` per-sample losses with gradient (``reduction="none"``).
-        index: ``(B,)`` dataset indices of the samples (``IndexedDataset`` provides them).
-        group: optional ``(B,)`` group ids (−1 = unknown).
+        index: ``(B,)`` integer dataset indices of the samples (``IndexedDataset`` provides them).
+        group: optional ``(B,)`` integer group ids (−1 = unknown).
         target: optional ``(B,)`` targets (for class-aware callbacks).
         **extras: other per-sample tensors a callback needs (e.g. ``consistency=`` for AdaWAC).
 
@@ -93,9 +133,12 @@ def reduce_loss(
         attached it is ``losses.mean()`` and no state changes.
 
     Raises:
-        ValueError: scalar or multi-dimensional losses, NaN/inf losses, size mismatches, all-zero weights.
+        ValueError: scalar or multi-dimensional losses, NaN/inf losses, size mismatches, an index or group
+            tensor that is not 1-D, an empty global batch, weights that are negative, non-finite or all zero.
+        TypeError: float or bool ``index`` / ``group``.
         MissingIndexError: a weighting callback is attached but ``index`` is ``None``.
-        IndexError: indices outside ``[0, N)``.
+        IndexError: indices outside ``[0, N)``, N the training set size (``num_samples`` or the train
+            dataloader's data set), also for callbacks without a table.
     """
     losses = _check_per_sample(losses)
     trainer = getattr(module, "_trainer", None)
@@ -108,31 +151,60 @@ def reduce_loss(
             f"{names} needs the dataset index of every sample, but `reduce_loss` got none. Wrap the training "
             "dataset in `lightning_reweight.data.IndexedDataset` and change two lines of `training_step`:" + _TWO_LINES
         )
+    # ---- 1. local input checks (shapes and dtypes: no computation yet)
     n = losses.shape[0]
-    index = _check_rows("index", index, n)
-    if index.is_floating_point() or index.dtype == torch.bool:
-        raise TypeError(f"Expected argument `index` to hold integer dataset indices, but got dtype {index.dtype}.")
-    detached = check_losses(losses)  # NaN/inf -> error before any state changes
-    named: dict[str, Tensor] = {"losses": detached, "index": index.reshape(-1).to(torch.int64)}
+    if not losses.is_floating_point():
+        raise TypeError(f"Expected argument `losses` to be a floating tensor, but got dtype {losses.dtype}.")
+    named: dict[str, Tensor] = {"losses": losses.detach(), "index": _check_ids("index", index, n, "dataset index")}
     if group is not None:
-        named["group"] = _check_rows("group", group, n).reshape(-1).to(torch.int64)
+        named["group"] = _check_ids("group", group, n, "group id")
     if target is not None:
         named["target"] = _check_rows("target", target, n)
     for key, value in extras.items():
         named[f"extra:{key}"] = _check_rows(key, value, n)
+    sync = any(cb.sync_checks for cb in callbacks)
+    if sync:
+        check_losses(losses)  # NaN/inf -> error naming the positions, before anything is gathered
 
+    # ---- 2. gather the global batch (O(batch)), on the losses' device when every callback can work there
+    device = _batch_device(losses, callbacks)
     gathered, sizes = gather_rows(list(named.values()))
     g = dict(zip(named, gathered))
     batch = GlobalBatch(
-        losses=g["losses"].float().cpu(),
-        index=g["index"].cpu(),
-        group=g["group"].cpu() if "group" in g else None,
-        target=g["target"].cpu() if "target" in g else None,
-        extras={k[6:]: v.cpu() for k, v in g.items() if k.startswith("extra:")},
+        losses=g["losses"].to(device, torch.float32),
+        index=g["index"].to(device),
+        group=g["group"].to(device) if "group" in g else None,
+        target=g["target"].to(device) if "target" in g else None,
+        extras={k[6:]: v.to(device) for k, v in g.items() if k.startswith("extra:")},
         local=local_slice(sizes, trainer.global_rank if len(sizes) > 1 else 0),
         sizes=sizes,
         global_step=trainer.global_step,
     )
+    if len(batch) == 0:  # every rank sees the same global size, so every rank raises together
+        raise ValueError(
+            "Expected at least one sample in the (global) training batch, but got 0 with weighting callbacks "
+            f"attached ({', '.join(type(cb).__name__ for cb in callbacks)}); nothing was updated. If your data "
+            "pipeline can produce empty batches (a filtering collate), skip them in `training_step` (return None) "
+            "before calling `reduce_loss`."
+        )
+
+    # ---- 3. propose: validate, transform and weigh without changing any state
+    for cb in callbacks:
+        cb.ensure_table(trainer, module)
+    num_samples = _training_set_size(callbacks, trainer)
+    deferred: list[Tensor] = []
+    if num_samples is not None:
+        lo, hi = batch.index.min(), batch.index.max()
+        if sync:
+            lo, hi = (int(v) for v in _host([lo, hi]))
+            if lo < 0 or hi >= num_samples:
+                raise IndexError(
+                    f"Expected dataset indices in [0, {num_samples}) (the training set size), but got range "
+                    f"[{lo}, {hi}]; nothing was updated. Pass the indices `IndexedDataset` adds to the batch, "
+                    "unchanged, and `num_samples=len(train_dataset)` if you set it."
+                )
+        else:
+            deferred.append((lo >= 0) & (hi < num_samples))
     for cb in callbacks:
         cb.validate_batch(batch, trainer)
 
@@ -142,35 +214,71 @@ def reduce_loss(
         if out is not None:
             local_losses, transformed = _check_per_sample(out), True
     if transformed:
-        (batch.losses,), _ = gather_rows([check_losses(local_losses)], sizes)
-        batch.losses = batch.losses.float().cpu()
+        if sync:
+            check_losses(local_losses)
+        (batch.losses,), _ = gather_rows([local_losses.detach()], sizes)
+        batch.losses = batch.losses.to(device, torch.float32)
+    if not sync:
+        deferred.append(torch.isfinite(batch.losses).all())
 
-    normalized_part = torch.ones(len(batch), dtype=torch.float32)
-    raw_part = torch.ones(len(batch), dtype=torch.float32)
-    any_normalized = False
+    proposals: list[tuple[WeightingCallback, Tensor | None]] = []
     for cb in callbacks:
         w = cb.compute_weights(batch, trainer, module)
-        cb.last_weights = None if w is None else w.detach().float().cpu().reshape(-1)
+        if w is not None:
+            w = w.detach().reshape(-1).to(device, torch.float32)
+            if w.numel() != len(batch):
+                raise ValueError(
+                    f"Expected {type(cb).__name__} to return one weight per sample of the global batch "
+                    f"({len(batch)}), but got {w.numel()}; no callback state was updated."
+                )
+        proposals.append((cb, w))
+
+    # ---- 4. validate the proposals and their combination (one host read)
+    normalized_part = torch.ones(len(batch), dtype=torch.float32, device=device)
+    raw_part = torch.ones(len(batch), dtype=torch.float32, device=device)
+    flags: list[Tensor] = []
+    any_normalized = False
+    for cb, w in proposals:
         if w is None:
             continue
-        w = cb.last_weights
-        if w.numel() != len(batch):
-            raise ValueError(f"{type(cb).__name__} returned {w.numel()} weights for a global batch of {len(batch)}.")
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError(f"{type(cb).__name__} returned negative or non-finite weights; no state was updated.")
+        flags.append(torch.isfinite(w).all() & (w >= 0).all())
         if cb.normalized:
             normalized_part, any_normalized = normalized_part * w, True
         else:
             raw_part = raw_part * w
     if any_normalized:  # renormalise the product of the mean-1 factors; unnormalised factors keep their scale
         total = normalized_part.sum()
-        normalized_part = normalized_part * (len(batch) / total) if bool(total > 0) else normalized_part
+        scale = torch.where(total > 0, len(batch) / total, torch.ones_like(total))
+        normalized_part = normalized_part * scale
     weights = normalized_part * raw_part
-    if not bool(weights.sum() > 0):
-        raise ValueError(
-            "All per-sample weights of this batch are zero, so the loss would be zero. Check the callbacks' "
-            "settings (e.g. a clip or a filter that removes every sample)."
-        )
+    total = weights.sum()
+    flags += [torch.isfinite(weights).all(), total > 0]
+    if sync:
+        ok = _host(flags)
+        named_cbs = [cb for cb, w in proposals if w is not None]
+        for cb, good in zip(named_cbs, ok):
+            if not good:
+                raise ValueError(
+                    f"Expected non-negative, finite weights from {type(cb).__name__}, but it returned negative or "
+                    "non-finite weights; the step was rejected and no callback state was updated."
+                )
+        if not ok[-2]:
+            raise ValueError(
+                "Expected finite combined weights, but the product of the callbacks' weights overflowed; the step "
+                "was rejected and no callback state was updated. Clip the weights (e.g. `max_weight=`)."
+            )
+        if not ok[-1]:
+            raise ValueError(
+                "All per-sample weights of this batch are zero, so the loss would be zero; the step was rejected "
+                "and no callback state was updated. Check the callbacks' settings (e.g. a clip or a filter that "
+                "removes every sample)."
+            )
+    else:
+        callbacks[0]._deferred.append(torch.stack(deferred + flags).all())
+
+    # ---- 5. commit: every callback updates its state from the accepted step
+    for cb, w in proposals:
+        cb.last_weights = w
     for cb in callbacks:
         cb.on_weights_computed(batch, weights, trainer, module)
     w_local = weights[batch.local].to(local_losses.device, local_losses.dtype)

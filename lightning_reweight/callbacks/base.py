@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_reweight.callbacks.logging import log_weight_stats
-from lightning_reweight.state.table import Column, SampleStateTable
+from lightning_reweight.state.table import DEFAULT_COLUMNS, Column, SampleStateTable, _spec_to_dict
+from lightning_reweight.state.validate import CheckpointStateError, require_keys
 
 
 @dataclass
@@ -60,6 +63,10 @@ def infer_num_samples(trainer: pl.Trainer) -> int | None:
     return None
 
 
+class TrainingSetChangedError(ValueError):
+    """A checkpointed per-sample table does not fit the training set it is restored onto."""
+
+
 class WeightingCallback(Callback):
     """Base class of the callbacks that ``reduce_loss`` consults.
 
@@ -68,6 +75,26 @@ class WeightingCallback(Callback):
     keeps an optional per-sample ``SampleStateTable`` (``loss``, ``ema_loss``, ``count``, ``weight`` plus
     ``extra_columns()``), checkpoints it with ``extra_state()``, and logs weight histograms and scalars.
 
+    **Atomic steps.** ``reduce_loss`` runs a step in three phases: *propose* (``validate_batch``,
+    ``transform_losses``, ``compute_weights`` on every callback), *validate* (each proposal and the combined
+    weights: right length, finite, non-negative, not all zero) and *commit* (``on_weights_computed`` on every
+    callback). The propose hooks must not change any state (tables, counters, ``q``, EMAs, RNGs): every state
+    change goes in ``on_weights_computed``, which runs only once the whole step was accepted. A step that is
+    rejected in the propose or validate phase therefore leaves every callback as it was. ``on_weights_computed``
+    must not raise on a validated batch (do any check that could fail in ``validate_batch``).
+
+    **Restoring state.** ``load_state_dict`` validates the table (``SampleStateTable.validate_state``) and then
+    calls ``load_extra_state``, which must read *all* of its entries through the helpers of
+    ``lightning_reweight.state.validate`` (``where=self.checkpoint_where``) before assigning any of them; the
+    table is assigned last. A bad checkpoint raises ``CheckpointStateError`` naming the key and leaves the
+    callback unchanged.
+
+    **Training set size.** A table restored from a checkpoint must have as many rows as the training set
+    (``num_samples``, or the train dataloader's data set length): otherwise ``TrainingSetChangedError`` is
+    raised at the start of training. ``fresh_table=True`` ignores the checkpointed table (every per-sample
+    statistic starts anew; the rest of the callback's state is restored). The same size bounds the dataset
+    indices of every batch, for callbacks with and without a table.
+
     Args:
         num_samples: training set size N for the table; inferred from the train dataloader if ``None``.
         track_samples: keep the per-sample table (O(N) memory per column).
@@ -75,30 +102,50 @@ class WeightingCallback(Callback):
         log_every_n_steps: how often weight scalars/histograms are logged (0 disables).
         log_histogram: also write histograms (TensorBoard).
         name: distinguishes two instances of the same class (checkpoint key and log prefix).
+        fresh_table: do not restore the per-sample table from a checkpoint (e.g. after the training set
+            changed); the rest of the state is restored.
+        device: where the table lives: ``"auto"`` (the module's device when this callback is
+            ``device_ready``, else CPU), ``"cpu"``, or a device.
+        sync_checks: let ``reduce_loss`` read its validation results back to the host each step (two small
+            reads; on a GPU these are the step's only host synchronisations). ``False`` defers the checks to
+            the end of the epoch / the next checkpoint: no host sync per step, but a bad step is reported late
+            and its state changes are kept.
     """
 
     #: whether ``compute_weights`` returns weights with mean 1 over the global batch
     normalized: bool = True
     #: log prefix (``name`` overrides it)
     log_prefix: str = "reweight"
+    #: the propose/commit hooks work on a ``GlobalBatch`` on any device without host synchronisation; when
+    #: every attached callback says so, ``reduce_loss`` keeps the batch on the losses' device
+    device_ready: bool = False
 
     def __init__(self, num_samples: int | None = None, track_samples: bool = True, ema_decay: float = 0.9,
-                 log_every_n_steps: int = 50, log_histogram: bool = True, name: str | None = None):
-        if num_samples is not None and (not isinstance(num_samples, int) or num_samples <= 0):
+                 log_every_n_steps: int = 50, log_histogram: bool = True, name: str | None = None, *,
+                 fresh_table: bool = False, device: str | torch.device = "auto", sync_checks: bool = True):
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                        or num_samples <= 0):
             raise ValueError(f"Expected argument `num_samples` to be a positive int or None, but got {num_samples!r}.")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"Expected argument `ema_decay` to be in [0, 1), but got {ema_decay!r}.")
         if log_every_n_steps < 0:
             raise ValueError(f"Expected argument `log_every_n_steps` to be >= 0, but got {log_every_n_steps!r}.")
+        if not (device == "auto" or isinstance(device, torch.device) or isinstance(device, str)):
+            raise ValueError(f"Expected argument `device` to be 'auto', 'cpu' or a torch.device, but got {device!r}.")
         self.num_samples = num_samples
         self.track_samples = track_samples
         self.ema_decay = ema_decay
         self.log_every_n_steps = log_every_n_steps
         self.log_histogram = log_histogram
         self.name = name
+        self.fresh_table = bool(fresh_table)
+        self.device = device if device == "auto" else torch.device(device)
+        self.sync_checks = bool(sync_checks)
         self.table: SampleStateTable | None = None
-        self._pending_table_state: dict[str, Any] | None = None
+        self._pending_table_state: tuple[int, dict[str, Column], dict[str, Tensor]] | None = None
+        self._train_size: int | None = None
         self._last: tuple[GlobalBatch, Tensor] | None = None
+        self._deferred: list[Tensor] = []
         #: the weights this callback's ``compute_weights`` returned at the last step (``None``: no opinion)
         self.last_weights: Tensor | None = None
 
@@ -112,6 +159,11 @@ class WeightingCallback(Callback):
     def prefix(self) -> str:
         return self.name or self.log_prefix
 
+    @property
+    def checkpoint_where(self) -> str:
+        """The name of this callback's ``extra`` entry in a checkpoint, for ``CheckpointStateError`` messages."""
+        return f"callbacks[{self.state_key!r}]['extra']"
+
     # ------------------------------------------------------------------ subclass API
     def extra_columns(self) -> dict[str, Column]:
         """Method-specific table columns (name -> spec)."""
@@ -119,19 +171,29 @@ class WeightingCallback(Callback):
 
     def transform_losses(self, losses: Tensor, extras: dict[str, Tensor], batch: GlobalBatch,
                          trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
-        """Return a new local per-sample loss (with gradient), or ``None`` to leave it unchanged."""
+        """Propose a new local per-sample loss (with gradient), or ``None`` to leave it unchanged.
+
+        Must not change state: the step may still be rejected.
+        """
         return None
 
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
-        """Global per-sample weights ``(len(batch),)``, non-negative; ``None`` for no opinion."""
+        """Propose global per-sample weights ``(len(batch),)``, non-negative; ``None`` for no opinion.
+
+        Must not change state (counters, EMAs, ``q``, the table): the step may still be rejected by a later
+        callback. Compute what ``on_weights_computed`` will need from the batch again, or keep it in a
+        local proposal that the commit applies.
+        """
         return None
 
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
-        """Called with the final combined weights (the ones training used); the default records them in the
-        table and keeps this callback's own weights (``last_weights``) for logging."""
+        """Commit the step: called with the final combined weights (the ones training used) once every
+        callback's proposal and the combination were accepted. The only place where state changes; must not
+        raise. The default records the batch in the table and keeps this callback's own weights
+        (``last_weights``) for logging."""
         if self.table is not None:
-            self.table.update(batch.index, loss=batch.losses, ema_loss=batch.losses, weight=weights)
+            self.table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights)
         self._last = None if self.last_weights is None else (batch, self.last_weights)
 
     def log_extras(self) -> dict[str, float]:
@@ -143,35 +205,108 @@ class WeightingCallback(Callback):
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore ``extra_state()``. Read every entry through ``lightning_reweight.state.validate`` first
+        (``as_tensor(state, "q", self.checkpoint_where, ...)``), then assign: a bad entry must raise
+        ``CheckpointStateError`` before anything changed."""
         return None
 
     # ------------------------------------------------------------------ table
-    def ensure_table(self, trainer: pl.Trainer | None) -> SampleStateTable | None:
-        """Create the table on first use (size from ``num_samples`` or the train dataloader)."""
+    def declared_columns(self) -> dict[str, Column]:
+        """Every column this callback's table has: the defaults (with ``ema_decay``) plus ``extra_columns()``."""
+        cols = dict(DEFAULT_COLUMNS)
+        cols["ema_loss"] = Column("ema", float("nan"), decay=self.ema_decay)
+        cols.update(self.extra_columns())
+        return cols
+
+    def training_set_size(self, trainer: pl.Trainer | None) -> int | None:
+        """N: ``num_samples``, else the train dataloader's data set length (cached per epoch), else ``None``."""
+        if self.num_samples is not None:
+            return self.num_samples
+        if self._train_size is None and trainer is not None:
+            self._train_size = infer_num_samples(trainer)
+        return self._train_size
+
+    def _table_device(self, pl_module: pl.LightningModule | None) -> torch.device:
+        if self.device != "auto":
+            return self.device
+        if self.device_ready and pl_module is not None and pl_module.device.type != "cpu":
+            return pl_module.device
+        return torch.device("cpu")
+
+    def ensure_table(self, trainer: pl.Trainer | None,
+                     pl_module: pl.LightningModule | None = None) -> SampleStateTable | None:
+        """Create the table on first use: from the restored checkpoint state (whose size must match the
+        training set) or fresh (size from ``num_samples`` or the train dataloader)."""
         if not self.track_samples or self.table is not None:
             return self.table
-        if self._pending_table_state is not None:
-            self.table = SampleStateTable.from_state_dict(self._pending_table_state)
-            self._pending_table_state = None
+        if pl_module is None and trainer is not None:
+            pl_module = getattr(trainer, "lightning_module", None)
+        n = self.training_set_size(trainer)
+        device = self._table_device(pl_module)
+        pending, self._pending_table_state = self._pending_table_state, None
+        if pending is not None and not self.fresh_table:
+            rows = pending[0]
+            if n is not None and rows != n:
+                self._pending_table_state = pending  # keep it: the error must not consume the state
+                source = "num_samples" if self.num_samples is not None else "the train dataloader's data set"
+                raise TrainingSetChangedError(
+                    f"Expected the checkpointed per-sample table of {type(self).__name__} to have one row per "
+                    f"training sample, but it has {rows} rows and the training set has {n} samples ({source}): "
+                    "the training set changed since the checkpoint was written. Resume with the same training set, "
+                    f"or start this callback's table fresh with `{type(self).__name__}(..., fresh_table=True)` "
+                    f"(or delete `checkpoint['callbacks'][{self.state_key!r}]['table']`)."
+                )
+            table = SampleStateTable(rows, columns=pending[1], device=device, _allocate=False)
+            table._adopt(pending[1], pending[2])
         else:
-            n = self.num_samples or (infer_num_samples(trainer) if trainer is not None else None)
             if n is None:
                 raise RuntimeError(
                     f"{type(self).__name__} could not infer the training set size from the Trainer's train "
                     "dataloader. Pass `num_samples=len(train_dataset)`."
                 )
-            self.table = SampleStateTable(n, ema_decay=self.ema_decay)
-        if self.num_samples is not None and self.table.num_samples != self.num_samples:
-            raise ValueError(f"Checkpointed table has {self.table.num_samples} rows but num_samples={self.num_samples}.")
+            table = SampleStateTable(n, ema_decay=self.ema_decay, device=device)
         for name, spec in self.extra_columns().items():
-            self.table.add_column(name, spec)
+            table.add_column(name, spec)
+        self.table = table
         return self.table
 
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
-        """Check the batch against this callback's state before anything is updated."""
-        table = self.ensure_table(trainer)
-        if table is not None:
-            table.check_index(batch.index)
+        """Check the batch against this callback's configuration before anything is updated (propose phase:
+        may raise, must not change state). ``reduce_loss`` has already checked the index range against the
+        training set size once for every callback."""
+        self.ensure_table(trainer)
+
+    # ------------------------------------------------------------------ lifecycle
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_size = None
+        if self.track_samples:
+            self.ensure_table(trainer, pl_module)  # a restored table that does not fit fails here, before step 0
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_size = None  # the train dataloader may have been reloaded
+
+    def check_deferred(self) -> None:
+        """Read back the checks ``reduce_loss`` deferred (``sync_checks=False``) and raise if a step failed."""
+        if not self._deferred:
+            return
+        flags, self._deferred = torch.stack([f.cpu() for f in self._deferred]), []
+        bad = (~flags).nonzero()
+        if bad.numel():
+            raise ValueError(
+                f"{int(bad[:, 0].unique().numel())} training step(s) since the last check had invalid per-sample "
+                "weights or losses (checked late because `sync_checks=False`; their state changes were kept). "
+                "Rerun with `sync_checks=True` to stop at the first bad step."
+            )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_deferred()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_deferred()
 
     # ------------------------------------------------------------------ logging
     def should_log(self, trainer: pl.Trainer) -> bool:
@@ -192,18 +327,42 @@ class WeightingCallback(Callback):
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        table = self.table.state_dict() if self.table is not None else self._pending_table_state
+        """``{"table": ..., "extra": ...}``. The table entry holds the live columns (no O(N) copy; see
+        ``SampleStateTable.state_dict``): valid until the next training step."""
+        self.check_deferred()
+        if self.table is not None:
+            table = self.table.state_dict()
+        elif self._pending_table_state is not None:
+            n, specs, cols = self._pending_table_state
+            table = {"num_samples": n, "columns": dict(cols), "specs": {k: _spec_to_dict(v) for k, v in specs.items()}}
+        else:
+            table = None
         return {"table": table, "extra": self.extra_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        table_state = state_dict.get("table")
-        if table_state is not None:
+        """Validate the whole entry (table, then ``load_extra_state``), then assign; nothing is half restored."""
+        where = f"callbacks[{self.state_key!r}]"
+        require_keys(state_dict, [], where)  # a dict; both entries are optional (a callback without state)
+        table_state, extra = state_dict.get("table"), state_dict.get("extra", {})
+        validated = None
+        if table_state is not None and self.track_samples and not self.fresh_table:
+            validated = SampleStateTable.validate_state(table_state, f"{where}['table']",
+                                                        expected=self.declared_columns())
+            if self.table is not None and validated[0] != self.table.num_samples:
+                raise TrainingSetChangedError(
+                    f"Expected the checkpointed per-sample table of {type(self).__name__} to have "
+                    f"{self.table.num_samples} rows (the training set), but it has {validated[0]}. Resume with the "
+                    f"same training set, or pass `fresh_table=True` to start the table fresh."
+                )
+        if not isinstance(extra, Mapping):
+            raise CheckpointStateError(where, "extra", f"expected a dict, but got {type(extra).__name__}.")
+        self.load_extra_state(dict(extra))  # validates all of its entries, then assigns
+        if validated is not None:
             if self.table is not None:
-                self.table.load_state_dict(table_state)
+                self.table._adopt(validated[1], validated[2])
             else:
-                self._pending_table_state = table_state
-        self.load_extra_state(state_dict.get("extra", {}))
+                self._pending_table_state = validated
 
 
 def weighting_callbacks(trainer: pl.Trainer | None) -> list[WeightingCallback]:

@@ -6,18 +6,28 @@ stay identical on every rank with O(batch) communication per step (the table its
 Duplicate indices in one update (with-replacement sampling draws a sample twice) are merged
 deterministically: ``"last"``/``"ema"`` columns take the mean of that sample's values in the batch,
 ``"sum"`` columns add them all, ``"max"`` takes the maximum, and ``count`` grows by the number of occurrences.
+The merge uses only fixed-shape ops (sort, searchsorted, cumsum, scatter), so an update of a table on a GPU
+issues no host synchronisation.
+
+Checkpoints hold the live columns (no copy) and a restore takes ownership of the loaded tensors after
+validating them (``SampleStateTable.validate_state``): see ``state_dict`` / ``load_state_dict``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from lightning_reweight.state.validate import CheckpointStateError, as_int, as_tensor, require_keys
+
 Kind = Literal["last", "ema", "sum", "max", "count"]
 _KINDS = ("last", "ema", "sum", "max", "count")
+_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
+_CHUNK = 1 << 22  # value scans of restored columns run in chunks: O(chunk) temporaries, not O(N)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,54 @@ DEFAULT_COLUMNS: dict[str, Column] = {
     "weight": Column("last", 1.0),
 }
 
+#: value ranges checked on restore, by column name (other columns: no inf/NaN unless ``init`` is one)
+_MINIMUM = {"weight": 0.0}
+
+
+def _spec_to_dict(spec: Column) -> dict[str, Any]:
+    return {"kind": spec.kind, "init": spec.init, "decay": spec.decay, "dtype": str(spec.dtype).replace("torch.", "")}
+
+
+def _spec_from_dict(raw: Any, where: str, name: str) -> Column:
+    """A ``Column`` from its checkpointed form, checked (kind, init, decay, dtype)."""
+    at = f"{where}[{name!r}]"
+    require_keys(raw, ["kind"], at)
+    kind = raw["kind"]
+    if kind not in _KINDS:
+        raise CheckpointStateError(at, "kind", f"expected one of {_KINDS}, but got {kind!r}.")
+    init = raw.get("init", 0.0)
+    if isinstance(init, bool) or not isinstance(init, (int, float)):
+        raise CheckpointStateError(at, "init", f"expected a number, but got {init!r}.")
+    decay = raw.get("decay", 0.9)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise CheckpointStateError(at, "decay", f"expected a number in [0, 1), but got {decay!r}.")
+    dtype = raw.get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise CheckpointStateError(at, "dtype", f"expected one of {sorted(_DTYPES)}, but got {dtype!r}.")
+    return Column(kind, init, decay, getattr(torch, dtype))
+
+
+def _check_values(values: Tensor, spec: Column, name: str, where: str) -> None:
+    """Range checks of a restored column, chunked so the temporaries stay small at N = 1e8."""
+    floating = values.is_floating_point()
+    init = float(spec.init)
+    allow_nan, allow_inf = init != init, abs(init) == float("inf")
+    minimum = 0 if spec.kind == "count" else _MINIMUM.get(name)
+    flat = values.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        if floating:
+            if not allow_nan and bool(torch.isnan(chunk).any()):
+                raise CheckpointStateError(where, name, f"expected finite values, but got "
+                                           f"{int(torch.isnan(flat).sum())} NaN entries (NaN only means "
+                                           "'never seen' in columns initialised to NaN).")
+            if not allow_inf and bool(torch.isinf(chunk).any()):
+                raise CheckpointStateError(where, name, f"expected finite values, but got "
+                                           f"{int(torch.isinf(flat).sum())} inf entries.")
+        if minimum is not None and bool((chunk < minimum).any()):
+            raise CheckpointStateError(where, name, f"expected values >= {minimum}, but the minimum is "
+                                       f"{flat.min().item()}.")
+
 
 class SampleStateTable:
     """A table of per-sample statistics keyed by dataset index.
@@ -59,6 +117,8 @@ class SampleStateTable:
         num_samples: N, the data set size (indices must lie in ``[0, N)``).
         columns: column specs by name (default: ``loss``, ``ema_loss``, ``count``, ``weight``).
         ema_decay: convenience override of the ``ema_loss`` decay.
+        device: where the columns live (default CPU). A table on the losses' GPU is updated without any
+            host synchronisation.
 
     Example::
 
@@ -67,16 +127,19 @@ class SampleStateTable:
         table["ema_loss"][3]
     """
 
-    def __init__(self, num_samples: int, columns: dict[str, Column] | None = None, ema_decay: float | None = None):
-        if not isinstance(num_samples, int) or num_samples <= 0:
+    def __init__(self, num_samples: int, columns: dict[str, Column] | None = None, ema_decay: float | None = None,
+                 device: torch.device | str | None = None, *, _allocate: bool = True):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"Expected argument `num_samples` to be a positive int, but got {num_samples!r}.")
         self.num_samples = num_samples
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.specs: dict[str, Column] = dict(DEFAULT_COLUMNS if columns is None else columns)
         if ema_decay is not None and "ema_loss" in self.specs:
             self.specs["ema_loss"] = Column("ema", float("nan"), decay=ema_decay)
         self.columns: dict[str, Tensor] = {}
-        for name, spec in self.specs.items():
-            self._allocate(name, spec)
+        if _allocate:
+            for name, spec in self.specs.items():
+                self._allocate(name, spec)
 
     # ------------------------------------------------------------------ columns
     def _allocate(self, name: str, spec: Column) -> None:
@@ -84,7 +147,7 @@ class SampleStateTable:
             raise ValueError(f"Expected column kind to be one of {_KINDS}, but got {spec.kind!r} for {name!r}.")
         if spec.kind == "ema" and not 0 <= spec.decay < 1:
             raise ValueError(f"Expected EMA decay in [0, 1), but got {spec.decay!r} for column {name!r}.")
-        self.columns[name] = torch.full((self.num_samples,), spec.init, dtype=spec.dtype)
+        self.columns[name] = torch.full((self.num_samples,), spec.init, dtype=spec.dtype, device=self.device)
 
     def add_column(self, name: str, spec: Column) -> None:
         """Declare a method-specific column (no-op if it already exists with the same spec)."""
@@ -106,89 +169,169 @@ class SampleStateTable:
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.columns.values())
 
+    def to(self, device: torch.device | str) -> SampleStateTable:
+        """Move every column to ``device`` (in place; returns ``self``)."""
+        self.device = torch.device(device)
+        self.columns = {k: v.to(self.device) for k, v in self.columns.items()}
+        return self
+
     # ------------------------------------------------------------------ updates
     def check_index(self, index: Tensor) -> Tensor:
-        """Validate dataset indices (integer, 1-D, in ``[0, N)``) and return them as int64 on CPU."""
+        """Validate dataset indices (integer, 1-D, in ``[0, N)``) and return them as int64 on the table's
+        device (one host synchronisation for the range check when the indices are on a GPU)."""
         if not isinstance(index, Tensor):
             index = torch.as_tensor(index)
         if index.is_floating_point() or index.dtype == torch.bool:
             raise TypeError(f"Expected sample indices to be an integer tensor, but got dtype {index.dtype}.")
-        index = index.reshape(-1).to("cpu", torch.int64)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
-            raise IndexError(
-                f"Expected sample indices in [0, {self.num_samples}), but got range "
-                f"[{int(index.min())}, {int(index.max())}]. Is `num_samples` the size of the training set, and does "
-                "the batch carry dataset indices (wrap it in `IndexedDataset`)?"
-            )
+        index = index.reshape(-1).to(self.device, torch.int64)
+        if index.numel():
+            lo, hi = torch.stack([index.min(), index.max()]).tolist()
+            if lo < 0 or hi >= self.num_samples:
+                raise IndexError(
+                    f"Expected sample indices in [0, {self.num_samples}), but got range [{lo}, {hi}]. Is "
+                    "`num_samples` the size of the training set, and does the batch carry dataset indices (wrap "
+                    "it in `IndexedDataset`)?"
+                )
         return index
 
-    def update(self, index: Tensor, **values: Tensor) -> None:
-        """Vectorised update of the rows ``index`` (``count`` always advances; other columns as given)."""
-        index = self.check_index(index)
-        if index.numel() == 0:
+    def update(self, index: Tensor, check: bool = True, **values: Tensor) -> None:
+        """Vectorised update of the rows ``index`` (``count`` always advances; other columns as given).
+
+        Args:
+            index: ``(B,)`` dataset indices (duplicates allowed).
+            check: validate the index range first (``reduce_loss`` checks it once per step and passes
+                ``False``; an unchecked out-of-range index raises inside the scatter or, on a GPU, asserts).
+            **values: ``(B,)`` values per column.
+        """
+        if check:
+            index = self.check_index(index)
+        else:
+            index = index.reshape(-1).to(self.device, torch.int64)
+        b = index.numel()
+        if b == 0:
             return
         for name, val in values.items():
             if name not in self.columns:
                 raise KeyError(f"Unknown column {name!r}; declare it with `add_column`. Columns: {sorted(self.columns)}.")
-            if val.reshape(-1).numel() != index.numel():
+            if val.reshape(-1).numel() != b:
                 raise ValueError(
-                    f"Expected {index.numel()} values for column {name!r} (one per index), but got {val.numel()}."
+                    f"Expected {b} values for column {name!r} (one per index), but got {val.numel()}."
                 )
-        uniq, inverse = torch.unique(index, return_inverse=True)
-        occurrences = torch.bincount(inverse, minlength=uniq.numel())
+        # fixed-shape duplicate merge (no torch.unique: its output size would need a host sync on a GPU)
+        sorted_index, perm = torch.sort(index)
+        left = torch.searchsorted(sorted_index, sorted_index)
+        right = torch.searchsorted(sorted_index, sorted_index, right=True)
+        occurrences = right - left  # per sorted position: how often its sample occurs in the batch
         for name, val in values.items():
             spec, col = self.specs[name], self.columns[name]
-            val = val.detach().reshape(-1).to("cpu", col.dtype if col.is_floating_point() else torch.float32)
             if spec.kind == "count":
                 continue
+            val = val.detach().reshape(-1).to(self.device, col.dtype if col.is_floating_point() else torch.float32)
             if spec.kind == "sum":
                 col.index_add_(0, index, val.to(col.dtype))
                 continue
             if spec.kind == "max":
-                red = torch.full((uniq.numel(),), -torch.inf, dtype=val.dtype).scatter_reduce(
-                    0, inverse, val, "amax", include_self=True)
-                col[uniq] = torch.maximum(col[uniq], red.to(col.dtype))
+                col.scatter_reduce_(0, index, val.to(col.dtype), "amax", include_self=True)
                 continue
-            mean = torch.zeros(uniq.numel(), dtype=val.dtype).index_add_(0, inverse, val) / occurrences.to(val.dtype)
+            vs = val[perm]
+            csum = torch.cat([vs.new_zeros(1, dtype=torch.float64), torch.cumsum(vs.double(), 0)])
+            # a sample seen once keeps its value exactly; duplicates take their mean
+            mean = torch.where(occurrences == 1, vs, ((csum[right] - csum[left]) / occurrences).to(vs.dtype))
             if spec.kind == "last":
-                col[uniq] = mean.to(col.dtype)
+                col.index_put_((sorted_index,), mean.to(col.dtype))
             else:  # ema; NaN (never seen) entries take the first value
-                old = col[uniq]
+                old = col[sorted_index]
                 new = spec.decay * old + (1 - spec.decay) * mean
-                col[uniq] = torch.where(torch.isnan(old), mean, new).to(col.dtype)
+                col.index_put_((sorted_index,), torch.where(torch.isnan(old), mean, new).to(col.dtype))
         for name, spec in self.specs.items():
             if spec.kind == "count":
-                self.columns[name].index_add_(0, uniq, occurrences.to(self.columns[name].dtype))
+                col = self.columns[name]
+                col.index_add_(0, index, torch.ones(b, dtype=col.dtype, device=col.device))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        """The table's checkpoint entry, holding the **live** columns (no copy).
+
+        The dict aliases the table: it is valid until the next ``update`` (the next training step) changes the
+        columns in place. Lightning serialises it right away (``AsyncCheckpointIO`` clones it first), and every
+        DDP rank holds the same table, so no rank pays an O(N) copy. Clone it if you keep it around.
+        """
         return {
             "num_samples": self.num_samples,
-            "columns": {k: v.clone() for k, v in self.columns.items()},
-            "specs": {k: vars(v) | {"dtype": str(v.dtype).replace("torch.", "")} for k, v in self.specs.items()},
+            "columns": dict(self.columns),
+            "specs": {k: _spec_to_dict(v) for k, v in self.specs.items()},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        n = int(state["num_samples"])
+    @staticmethod
+    def validate_state(state: Any, where: str = "table", num_samples: int | None = None,
+                       expected: Mapping[str, Column] | None = None) -> tuple[int, dict[str, Column], dict[str, Tensor]]:
+        """Check a table's checkpoint entry without assigning anything.
+
+        Checks the keys, ``num_samples``, every column spec (kind, init, decay, dtype), and every column:
+        a 1-D tensor of length N whose dtype kind matches its spec (integer counts, floating values), ranges
+        (counts integer and >= 0, ``weight`` finite and >= 0, no inf; NaN only in columns initialised to NaN,
+        where it means "never seen"). Errors are ``CheckpointStateError`` naming the key, e.g.
+        ``table['columns']['weight']``.
+
+        Args:
+            state: the entry (``SampleStateTable.state_dict()`` form).
+            where: the entry's name in the checkpoint, for messages.
+            num_samples: the expected N, when known.
+            expected: column specs the caller will declare; each must be present in the checkpoint.
+
+        Returns:
+            ``(num_samples, specs, columns)``, the columns being the state's own tensors (not copied).
+        """
+        require_keys(state, ["num_samples", "columns"], where)
+        n = as_int(state, "num_samples", where, minimum=1)
+        if num_samples is not None and n != num_samples:
+            raise CheckpointStateError(where, "num_samples", f"expected {num_samples} rows, but got {n}.")
+        cols = state["columns"]
+        col_where = f"{where}['columns']"
+        if not isinstance(cols, Mapping):
+            raise CheckpointStateError(where, "columns", f"expected a dict of tensors, but got {type(cols).__name__}.")
+        raw_specs = state.get("specs", {})
+        if not isinstance(raw_specs, Mapping):
+            raise CheckpointStateError(where, "specs", f"expected a dict, but got {type(raw_specs).__name__}.")
+        spec_where = f"{where}['specs']"
+        specs = {name: _spec_from_dict(raw, spec_where, name) for name, raw in raw_specs.items()}
+        for name in cols:
+            if name not in specs:
+                if name not in DEFAULT_COLUMNS:
+                    raise CheckpointStateError(spec_where, name, "missing: the column has no spec.")
+                specs[name] = DEFAULT_COLUMNS[name]
+        missing = [k for k in specs if k not in cols] + [k for k in (expected or {}) if k not in cols]
+        if missing:
+            raise CheckpointStateError(col_where, missing[0], f"missing column(s) {sorted(set(missing))}; present: "
+                                       f"{sorted(cols)}.")
+        for name, spec in specs.items():
+            kind = "int" if spec.kind == "count" or not spec.dtype.is_floating_point else "float"
+            values = as_tensor(cols, name, col_where, kind=kind, ndim=1, length=n, finite=False)
+            _check_values(values, spec, name, col_where)
+        return n, specs, dict(cols)
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "table") -> None:
+        """Restore from ``state`` after validating all of it; takes ownership of its tensors (no copy unless
+        the dtype or device differs). Nothing is assigned when the state is invalid."""
+        n, specs, cols = self.validate_state(state, where, expected=self.specs)
         if n != self.num_samples:
             raise ValueError(
                 f"Checkpointed table has {n} samples but this one has {self.num_samples}: the training set changed "
                 "size since the checkpoint was written. Resume with the same data set."
             )
-        for name, values in state["columns"].items():
-            if name not in self.specs:
-                raw = state.get("specs", {}).get(name, {})
-                spec = Column(raw.get("kind", "last"), raw.get("init", 0.0), raw.get("decay", 0.9),
-                              getattr(torch, raw.get("dtype", "float32")))
-                self.add_column(name, spec)
-            self.columns[name] = values.clone().to(self.columns[name].dtype)
+        self._adopt(specs, cols)
+
+    def _adopt(self, specs: dict[str, Column], cols: Mapping[str, Tensor]) -> None:
+        for name, spec in specs.items():
+            target = self.specs.get(name, spec)  # a column declared here keeps its dtype (converted if needed)
+            self.specs[name] = target
+            self.columns[name] = cols[name].to(self.device, target.dtype)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> SampleStateTable:
-        specs = {
-            k: Column(v.get("kind", "last"), v.get("init", 0.0), v.get("decay", 0.9), getattr(torch, v.get("dtype", "float32")))
-            for k, v in state.get("specs", {}).items()
-        }
-        table = cls(int(state["num_samples"]), columns=specs or None)
-        table.load_state_dict(state)
+    def from_state_dict(cls, state: dict[str, Any], where: str = "table", num_samples: int | None = None,
+                        device: torch.device | str | None = None) -> SampleStateTable:
+        """A table holding ``state``'s (validated) tensors, without allocating fresh columns first."""
+        n, specs, cols = cls.validate_state(state, where, num_samples=num_samples)
+        table = cls(n, columns=specs, device=device, _allocate=False)
+        table._adopt(specs, cols)
         return table

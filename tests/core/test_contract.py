@@ -129,7 +129,7 @@ def test_out_of_range_index_and_size_mismatch(tmp_path):
     with pytest.raises(IndexError, match=r"\[0, 4\)"):
         reduce_loss(module, torch.ones(2, requires_grad=True), torch.tensor([0, 7]))
     assert int(cb.table["count"].sum()) == 0
-    with pytest.raises(ValueError, match="one row per sample"):
+    with pytest.raises(ValueError, match="one dataset index per sample"):
         reduce_loss(module, torch.ones(3, requires_grad=True), torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="integer"):
         reduce_loss(module, torch.ones(2, requires_grad=True), torch.tensor([0.0, 1.0]))
