@@ -163,8 +163,6 @@ def reduce_loss(
     for key, value in extras.items():
         named[f"extra:{key}"] = _check_rows(key, value, n)
     sync = any(cb.sync_checks for cb in callbacks)
-    if sync:
-        check_losses(losses)  # NaN/inf -> error naming the positions, before anything is gathered
 
     # ---- 2. gather the global batch (O(batch)), on the losses' device when every callback can work there
     device = _batch_device(losses, callbacks)
@@ -192,19 +190,25 @@ def reduce_loss(
     for cb in callbacks:
         cb.ensure_table(trainer, module)
     num_samples = _training_set_size(callbacks, trainer)
-    deferred: list[Tensor] = []
-    if num_samples is not None:
-        lo, hi = batch.index.min(), batch.index.max()
-        if sync:
-            lo, hi = (int(v) for v in _host([lo, hi]))
-            if lo < 0 or hi >= num_samples:
-                raise IndexError(
-                    f"Expected dataset indices in [0, {num_samples}) (the training set size), but got range "
-                    f"[{lo}, {hi}]; nothing was updated. Pass the indices `IndexedDataset` adds to the batch, "
-                    "unchanged, and `num_samples=len(train_dataset)` if you set it."
-                )
-        else:
-            deferred.append((lo >= 0) & (hi < num_samples))
+    # first host read (with sync_checks): the losses are finite and the indices lie in [0, N). Checked on the
+    # gathered batch, so under DDP every rank raises together (a rank-local raise would hang the others)
+    finite = torch.isfinite(batch.losses).all()
+    lo, hi = batch.index.min(), batch.index.max()
+    if sync:
+        good, lo, hi = _host([finite, lo, hi])
+        if not good:
+            check_losses(losses)  # raises, naming this rank's bad positions
+            raise ValueError("Expected finite per-sample losses on every rank, but another rank has NaN/inf "
+                             "losses; no weight or state was updated.")
+        if num_samples is not None and (lo < 0 or hi >= num_samples):
+            raise IndexError(
+                f"Expected dataset indices in [0, {num_samples}) (the training set size), but got range "
+                f"[{int(lo)}, {int(hi)}]; nothing was updated. Pass the indices `IndexedDataset` adds to the "
+                "batch, unchanged, and `num_samples=len(train_dataset)` if you set it."
+            )
+        deferred: list[Tensor] = []
+    else:
+        deferred = [finite] + ([(lo >= 0) & (hi < num_samples)] if num_samples is not None else [])
     for cb in callbacks:
         cb.validate_batch(batch, trainer)
 
@@ -218,7 +222,7 @@ def reduce_loss(
             check_losses(local_losses)
         (batch.losses,), _ = gather_rows([local_losses.detach()], sizes)
         batch.losses = batch.losses.to(device, torch.float32)
-    if not sync:
+    if transformed and not sync:
         deferred.append(torch.isfinite(batch.losses).all())
 
     proposals: list[tuple[WeightingCallback, Tensor | None]] = []

@@ -103,7 +103,8 @@ class WeightingCallback(Callback):
         log_histogram: also write histograms (TensorBoard).
         name: distinguishes two instances of the same class (checkpoint key and log prefix).
         fresh_table: do not restore the per-sample table from a checkpoint (e.g. after the training set
-            changed); the rest of the state is restored.
+            changed); the rest of the state is restored. Also settable as an attribute before ``fit``
+            (``callback.fresh_table = True``) for subclasses that do not forward it.
         device: where the table lives: ``"auto"`` (the module's device when this callback is
             ``device_ready``, else CPU), ``"cpu"``, or a device.
         sync_checks: let ``reduce_loss`` read its validation results back to the host each step (two small
@@ -253,8 +254,9 @@ class WeightingCallback(Callback):
                     f"Expected the checkpointed per-sample table of {type(self).__name__} to have one row per "
                     f"training sample, but it has {rows} rows and the training set has {n} samples ({source}): "
                     "the training set changed since the checkpoint was written. Resume with the same training set, "
-                    f"or start this callback's table fresh with `{type(self).__name__}(..., fresh_table=True)` "
-                    f"(or delete `checkpoint['callbacks'][{self.state_key!r}]['table']`)."
+                    "or start this callback's per-sample table fresh (the rest of its state is restored): set "
+                    "`fresh_table=True` on it (`callback.fresh_table = True` before `fit`), or delete "
+                    f"`checkpoint['callbacks'][{self.state_key!r}]['table']`."
                 )
             table = SampleStateTable(rows, columns=pending[1], device=device, _allocate=False)
             table._adopt(pending[1], pending[2])
@@ -353,7 +355,7 @@ class WeightingCallback(Callback):
                 raise TrainingSetChangedError(
                     f"Expected the checkpointed per-sample table of {type(self).__name__} to have "
                     f"{self.table.num_samples} rows (the training set), but it has {validated[0]}. Resume with the "
-                    f"same training set, or pass `fresh_table=True` to start the table fresh."
+                    "same training set, or set `fresh_table=True` on the callback to start its table fresh."
                 )
         if not isinstance(extra, Mapping):
             raise CheckpointStateError(where, "extra", f"expected a dict, but got {type(extra).__name__}.")

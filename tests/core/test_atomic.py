@@ -1,0 +1,128 @@
+"""Atomic steps: propose -> validate -> commit. A step rejected by any callback changes no callback's state."""
+
+import pytest
+import torch
+
+from lightning_reweight import WeightingCallback, reduce_loss
+from lightning_reweight.contract import _host
+
+from .conftest import TinyModule
+from .test_contract import _attach
+
+
+class Stateful(WeightingCallback):
+    """A toy stateful callback: a step counter and an EMA, changed only at commit, plus the table."""
+
+    def __init__(self, log, **kw):
+        super().__init__(num_samples=8, **kw)
+        self.log, self.steps, self.ema = log, 0, torch.zeros(())
+
+    def compute_weights(self, batch, trainer, pl_module):
+        self.log.append(f"propose {self.prefix}")
+        return 1.0 + batch.losses / batch.losses.sum()
+
+    def on_weights_computed(self, batch, weights, trainer, pl_module):
+        self.log.append(f"commit {self.prefix}")
+        self.steps += 1
+        self.ema = 0.9 * self.ema + 0.1 * batch.losses.mean()
+        super().on_weights_computed(batch, weights, trainer, pl_module)
+
+
+class Proposes(WeightingCallback):
+    """Returns the given weights once ``armed`` (no opinion before; table-less)."""
+
+    def __init__(self, weights, normalized=True, armed=False, **kw):
+        super().__init__(track_samples=False, **kw)
+        self.weights, self.normalized, self.armed = weights, normalized, armed
+
+    def compute_weights(self, batch, trainer, pl_module):
+        return self.weights if self.armed else None
+
+
+class RejectsBatch(WeightingCallback):
+    def __init__(self):
+        super().__init__(track_samples=False, name="picky")
+        self.armed = False
+
+    def validate_batch(self, batch, trainer):
+        if self.armed:
+            raise ValueError("picky refuses this batch")
+
+
+def _snapshot(cb):
+    return cb.steps, cb.ema.clone(), {k: v.clone() for k, v in cb.table.columns.items()}, cb.last_weights
+
+
+def _assert_unchanged(cb, snap):
+    steps, ema, cols, last = snap
+    assert cb.steps == steps and torch.equal(cb.ema, ema) and cb.last_weights is last
+    for k, v in cols.items():
+        torch.testing.assert_close(cb.table[k], v, equal_nan=True, rtol=0, atol=0)
+
+
+LOSSES, INDEX = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 2, 4, 6])
+
+
+@pytest.mark.parametrize("late, message", [
+    (lambda: Proposes(torch.tensor([1.0, float("nan"), 1.0, 1.0]), name="late"),
+     r"from Proposes, but it returned negative or non-finite weights; the step was rejected and no callback state"),
+    (lambda: Proposes(torch.tensor([1.0, -1.0, 1.0, 1.0]), name="late"), r"from Proposes, but it returned negative"),
+    (lambda: Proposes(torch.ones(3), name="late"), r"Proposes to return one weight per sample .*\(4\), but got 3; "
+                                                   r"no callback state was updated"),
+    (lambda: Proposes(torch.tensor([0.0, 0.0, 0.0, 0.0]), normalized=False, name="late"),
+     r"All per-sample weights of this batch are zero.*no callback state was updated"),
+    (lambda: Proposes(torch.full((4,), 3e38), normalized=False, name="late"),
+     r"combined weights.*overflowed.*no callback state was updated"),
+    (lambda: RejectsBatch(), r"picky refuses"),
+])
+def test_rejection_by_a_later_callback_leaves_earlier_state_unchanged(tmp_path, late, message):
+    log = []
+    early = Stateful(log, name="early")
+    module = TinyModule()
+    late = late()
+    _attach(module, [early, late], tmp_path)
+    reduce_loss(module, LOSSES.clone().requires_grad_(), INDEX)  # one accepted step first
+    assert early.steps == 1 and int(early.table["count"].sum()) == 4
+    snap = _snapshot(early)
+    late.armed = True
+    with pytest.raises(ValueError, match=message):
+        reduce_loss(module, torch.tensor([5.0, 1.0, 2.0, 3.0], requires_grad=True), torch.tensor([1, 3, 5, 7]))
+    _assert_unchanged(early, snap)
+    assert log.count("commit early") == 1  # only the accepted first step committed
+
+
+def test_every_callback_proposes_before_any_commits(tmp_path):
+    log = []
+    a, b = Stateful(log, name="a"), Stateful(log, name="b")
+    module = TinyModule()
+    _attach(module, [a, b], tmp_path)
+    reduce_loss(module, LOSSES.clone().requires_grad_(), INDEX)
+    assert log == ["propose a", "propose b", "commit a", "commit b"]
+    # each callback's own proposal is logged; the table records the combined weights training used
+    own = 1.0 + LOSSES / LOSSES.sum()
+    torch.testing.assert_close(a.last_weights, own)
+    combined = own * own
+    torch.testing.assert_close(a.table["weight"][INDEX], combined * 4 / combined.sum())
+
+
+def test_checked_step_reads_the_host_twice_and_deferred_checks_not_at_all(tmp_path, monkeypatch):
+    """sync_checks=True: one host read before the proposals, one before the commit; False: none per step."""
+    import lightning_reweight.contract as contract
+
+    calls = []
+    monkeypatch.setattr(contract, "_host", lambda v: calls.append(len(v)) or _host(v))
+    module = TinyModule()
+    cb = Stateful([], name="s")
+    _attach(module, [cb], tmp_path)
+    reduce_loss(module, LOSSES.clone().requires_grad_(), INDEX)
+    assert len(calls) == 2
+
+    calls.clear()
+    lazy = Proposes(torch.tensor([1.0, float("nan"), 1.0, 1.0]), armed=True, sync_checks=False)
+    module = TinyModule()
+    _attach(module, [lazy], tmp_path)
+    reduce_loss(module, LOSSES.clone().requires_grad_(), INDEX)  # the bad step is not stopped ...
+    assert calls == []
+    with pytest.raises(ValueError, match=r"1 training step\(s\).*sync_checks=False"):
+        lazy.check_deferred()  # ... but reported at the next check (epoch end, checkpoint, validation)
+    lazy.check_deferred()  # reported once
