@@ -90,7 +90,7 @@ def as_tensor(
         raise CheckpointStateError(where, key, f"expected {ndim} dimension(s), but got shape {tuple(value.shape)}.")
     if length is not None and (value.ndim == 0 or value.shape[0] != length):
         raise CheckpointStateError(where, key, f"expected length {length}, but got shape {tuple(value.shape)}.")
-    if value.numel() and value.is_floating_point():
+    if value.numel() and value.is_floating_point() and (finite or minimum is not None or maximum is not None):
         nan = torch.isnan(value)
         if finite and not allow_nan and bool(nan.any()):
             raise CheckpointStateError(where, key, f"expected finite values, but got {int(nan.sum())} NaN entries.")

@@ -62,3 +62,46 @@ def test_memory_is_o_n_float32():
     t = SampleStateTable(1000)
     # loss, ema_loss, weight float32 + count int64
     assert t.nbytes() == 1000 * (4 * 3 + 8)
+
+
+def test_state_dict_aliases_the_live_columns_and_load_takes_ownership():
+    """No O(N) copy on save or load: the checkpoint holds the table's tensors; a restore adopts them."""
+    t = SampleStateTable(8)
+    state = t.state_dict()
+    assert all(state["columns"][k].data_ptr() == t[k].data_ptr() for k in t.columns)
+    t.update(torch.tensor([1]), loss=torch.tensor([2.0]))
+    assert state["columns"]["loss"][1] == 2.0  # a view, valid until the next update
+    restored = SampleStateTable.from_state_dict(state)
+    assert all(restored[k].data_ptr() == state["columns"][k].data_ptr() for k in t.columns)
+    # a declared dtype wins: an int32 count column is converted (the only copy), float32 columns are adopted
+    state["columns"]["count"] = state["columns"]["count"].int()
+    state["specs"]["count"]["dtype"] = "int32"
+    t2 = SampleStateTable(8)
+    t2.load_state_dict(state)
+    assert t2["count"].dtype == torch.int64 and t2["weight"].data_ptr() == state["columns"]["weight"].data_ptr()
+
+
+def test_update_merges_duplicates_with_fixed_shapes_like_a_reference():
+    """The sort/searchsorted merge equals a per-sample reference (mean of duplicates, EMA on the mean)."""
+    g = torch.Generator().manual_seed(0)
+    t = SampleStateTable(50, ema_decay=0.7)
+    t.add_column("m", Column("max", init=-1.0))
+    t.add_column("s", Column("sum"))
+    ref = {"loss": [float("nan")] * 50, "ema": [float("nan")] * 50, "count": [0] * 50, "m": [-1.0] * 50, "s": [0.0] * 50}
+    for _ in range(5):
+        idx = torch.randint(0, 50, (40,), generator=g)
+        val = torch.rand(40, generator=g)
+        t.update(idx, loss=val, ema_loss=val, m=val, s=val)
+        for i in set(idx.tolist()):
+            vals = val[idx == i].double()
+            mean = float(vals.mean())
+            ref["loss"][i] = mean
+            ref["ema"][i] = mean if ref["ema"][i] != ref["ema"][i] else 0.7 * ref["ema"][i] + 0.3 * mean
+            ref["count"][i] += vals.numel()
+            ref["m"][i] = max(ref["m"][i], float(vals.max()))
+            ref["s"][i] += float(vals.sum())
+    torch.testing.assert_close(t["loss"], torch.tensor(ref["loss"]), equal_nan=True)
+    torch.testing.assert_close(t["ema_loss"], torch.tensor(ref["ema"]), equal_nan=True)
+    assert t["count"].tolist() == ref["count"]
+    torch.testing.assert_close(t["m"], torch.tensor(ref["m"]))
+    torch.testing.assert_close(t["s"], torch.tensor(ref["s"]))
