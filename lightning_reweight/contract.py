@@ -218,10 +218,12 @@ def reduce_loss(
         if out is not None:
             local_losses, transformed = _check_per_sample(out), True
     if transformed:
-        if sync:
-            check_losses(local_losses)
         (batch.losses,), _ = gather_rows([local_losses.detach()], sizes)
         batch.losses = batch.losses.to(device, torch.float32)
+        if sync and not _host([torch.isfinite(batch.losses).all()])[0]:  # checked globally: every rank raises
+            check_losses(local_losses)
+            raise ValueError("Expected finite transformed per-sample losses on every rank, but another rank has "
+                             "NaN/inf; no weight or state was updated.")
     if transformed and not sync:
         deferred.append(torch.isfinite(batch.losses).all())
 
@@ -283,8 +285,18 @@ def reduce_loss(
     # ---- 5. commit: every callback updates its state from the accepted step
     for cb, w in proposals:
         cb.last_weights = w
+    committed: list[str] = []
     for cb in callbacks:
-        cb.on_weights_computed(batch, weights, trainer, module)
+        try:
+            cb.on_weights_computed(batch, weights, trainer, module)
+        except Exception as err:  # a commit must not fail on an accepted step: say what did change
+            done = ", ".join(committed) or "none"
+            raise RuntimeError(
+                f"{type(cb).__name__}.on_weights_computed failed on an accepted step; callbacks that had already "
+                f"committed this step: {done}. Their state includes this step; resume from the last checkpoint. "
+                "(Checks that can fail belong in `validate_batch` or `compute_weights`.)"
+            ) from err
+        committed.append(type(cb).__name__)
     w_local = weights[batch.local].to(local_losses.device, local_losses.dtype)
     # W/B_global · Σ_local w·ℓ: DDP's gradient mean over W ranks gives exactly (1/B_global) Σ_global w·ℓ,
     # also when ranks hold different batch sizes (one process: the plain weighted mean)

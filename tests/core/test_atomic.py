@@ -126,3 +126,19 @@ def test_checked_step_reads_the_host_twice_and_deferred_checks_not_at_all(tmp_pa
     with pytest.raises(ValueError, match=r"1 training step\(s\).*sync_checks=False"):
         lazy.check_deferred()  # ... but reported at the next check (epoch end, checkpoint, validation)
     lazy.check_deferred()  # reported once
+
+
+def test_a_failing_commit_says_which_callbacks_already_committed(tmp_path):
+    class BrokenCommit(WeightingCallback):
+        def __init__(self):
+            super().__init__(track_samples=False, name="broken")
+
+        def on_weights_computed(self, batch, weights, trainer, pl_module):
+            raise KeyError("bug")
+
+    log = []
+    module = TinyModule()
+    _attach(module, [Stateful(log, name="first"), BrokenCommit()], tmp_path)
+    with pytest.raises(RuntimeError, match=r"BrokenCommit.on_weights_computed failed.*already committed this step: "
+                                           r"Stateful\. Their state includes this step"):
+        reduce_loss(module, LOSSES.clone().requires_grad_(), INDEX)
