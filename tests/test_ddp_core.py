@@ -33,3 +33,9 @@ def test_ddp_tables_identical_and_gather_exact(tmp_path):
     assert r0["grad_err"] is not None and r0["grad_err"] < 1e-6 and r1["grad_err"] < 1e-6
     for a, b in zip(r0["uneven"], r1["uneven"]):
         torch.testing.assert_close(a, b)
+    # a NaN loss on rank 1 only, then an out-of-range index on rank 0 only: both ranks raise together, no table moved
+    for r, nan_message in ((r0, "another rank has NaN/inf"), (r1, "NaN/inf at batch positions [0, 1]")):
+        (nan_err, index_err), unchanged = r["rejected"]["messages"], r["rejected"]["unchanged"]
+        assert nan_err.startswith("ValueError") and nan_message in nan_err
+        assert index_err.startswith("IndexError") and "[0, 37)" in index_err and "[0, 37]" in index_err
+        assert unchanged

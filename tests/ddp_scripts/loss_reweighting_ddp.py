@@ -54,7 +54,7 @@ if __name__ == "__main__":
     rank = trainer.global_rank
     # uneven per-rank row counts: rank r contributes r + 2 rows of (index, value, 2-d extra)
     n = rank + 2
-    uneven = None
+    uneven, rejected = None, None
     if is_distributed():
         uneven, sizes = gather_rows([torch.arange(n) + 100 * rank, torch.full((n,), float(rank)), torch.ones(n, 2) * rank])
     # exactness of the DDP reduction with uneven shards: rank 0 holds 3 samples, rank 1 holds 5; the
@@ -81,5 +81,19 @@ if __name__ == "__main__":
         w = cb.rule(full.detach())
         ref = torch.autograd.grad((w * full).mean(), list(probe.net.parameters()))
         grad_err = max(float((a - b).abs().max()) for a, b in zip(grads, ref))
-    torch.save({"table": cb.table.state_dict(), "rank": rank, "uneven": uneven, "grad_err": grad_err,
+    # a bad input on one rank only must stop every rank together (no hang) and change no rank's table
+    rejected = None
+    if is_distributed():
+        before = cb.table["count"].clone()
+        nan_on_rank1 = torch.ones(2, requires_grad=True) * (float("nan") if rank == 1 else 1.0)
+        bad_index_on_rank0 = torch.tensor([0, 37]) if rank == 0 else torch.tensor([0, 1])
+        messages = []
+        for losses_, index_ in ((nan_on_rank1, torch.tensor([0, 1])), (torch.ones(2, requires_grad=True), bad_index_on_rank0)):
+            try:
+                reduce_loss(probe, losses_, index_)
+                messages.append(None)
+            except (ValueError, IndexError) as err:
+                messages.append(f"{type(err).__name__}: {err}")
+        rejected = {"messages": messages, "unchanged": bool(torch.equal(before, cb.table["count"]))}
+    torch.save({"table": cb.table.state_dict(), "rank": rank, "uneven": uneven, "grad_err": grad_err, "rejected": rejected,
                 "weight": trainer.lightning_module.net.weight.detach()}, out / f"rank{rank}.pt")
