@@ -14,12 +14,14 @@ from typing_extensions import override
 
 from lightning_reweight.callbacks.logging import log_weight_stats
 from lightning_reweight.state.table import DEFAULT_COLUMNS, Column, SampleStateTable, _spec_to_dict
-from lightning_reweight.state.validate import CheckpointStateError, require_keys
+from lightning_reweight.state.validate import CheckpointStateError, TrainingSetChangedError, require_keys
 
 
 @dataclass
 class GlobalBatch:
     """One training step's per-sample values from every DDP rank, identical on every rank.
+
+    It lives on the losses' device when every attached callback is ``device_ready``, else on the CPU.
 
     Attributes:
         losses: detached float32 per-sample losses of the global batch (after any ``transform_losses``).
@@ -61,10 +63,6 @@ def infer_num_samples(trainer: pl.Trainer) -> int | None:
             except TypeError:
                 continue
     return None
-
-
-class TrainingSetChangedError(ValueError):
-    """A checkpointed per-sample table does not fit the training set it is restored onto."""
 
 
 class WeightingCallback(Callback):

@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "CheckpointStateError",
+    "TrainingSetChangedError",
     "as_distribution",
     "as_float",
     "as_int",
@@ -43,6 +44,10 @@ class CheckpointStateError(ValueError):
         self.where, self.key = where, key
         name = f"{where}[{key!r}]" if key is not None else where
         super().__init__(f"Checkpoint state {name}: {problem} {fix}")
+
+
+class TrainingSetChangedError(ValueError):
+    """Checkpointed per-sample state does not fit the training set it is restored onto (N rows vs M samples)."""
 
 
 def require_keys(state: Any, keys: list[str] | tuple[str, ...], where: str) -> Mapping[str, Any]:

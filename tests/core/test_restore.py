@@ -7,8 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_reweight import LossReweighting, WeightingCallback
-from lightning_reweight.callbacks.base import TrainingSetChangedError
-from lightning_reweight.state import CheckpointStateError, SampleStateTable
+from lightning_reweight.state import CheckpointStateError, SampleStateTable, TrainingSetChangedError
 from lightning_reweight.state.validate import as_int, as_tensor
 
 from .conftest import TinyModule, make_loader, make_trainer
