@@ -150,3 +150,18 @@ def test_corrupted_checkpoint_before_the_table_exists_leaves_nothing_pending():
         cb.load_state_dict(_corrupt(("table", "columns", "weight"), lambda w: w * float("nan")))
     assert cb._pending_table_state is None and cb.steps == 0
     assert cb.ensure_table(None)["count"].sum() == 0  # a fresh table
+
+
+def test_corrupted_lightning_checkpoint_stops_the_resume_naming_the_key(tmp_path):
+    """End to end through ``Trainer.fit(ckpt_path=...)``: a NaN in the saved weight column stops the resume."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    cb = LossReweighting("linupper", warmup_steps=0)
+    make_trainer([cb, ckpt], tmp_path, max_epochs=1, enable_checkpointing=True).fit(TinyModule(), make_loader(n=16))
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["callbacks"][cb.state_key]["table"]["columns"]["weight"][3] = float("nan")
+    torch.save(checkpoint, path)
+    resumed, module = LossReweighting("linupper", warmup_steps=0), TinyModule()
+    with pytest.raises(CheckpointStateError, match=r"\['table'\]\['columns'\]\['weight'\]: expected finite values"):
+        make_trainer([resumed], tmp_path, max_epochs=2).fit(module, make_loader(n=16), ckpt_path=path)
+    assert module.records == [] and resumed.table is None and resumed._pending_table_state is None
