@@ -102,7 +102,8 @@ class WeightingCallback(Callback):
         name: distinguishes two instances of the same class (checkpoint key and log prefix).
         fresh_table: do not restore the per-sample table from a checkpoint (e.g. after the training set
             changed); the rest of the state is restored. Also settable as an attribute before ``fit``
-            (``callback.fresh_table = True``) for subclasses that do not forward it.
+            (``callback.fresh_table = True``) for subclasses that do not forward it. It applies to every
+            restore while set: remove it once the run has a checkpoint of the new training set.
         device: where the table lives: ``"auto"`` (the module's device when this callback is
             ``device_ready``, else CPU), ``"cpu"``, or a device.
         sync_checks: let ``reduce_loss`` read its validation results back to the host each step (two small
