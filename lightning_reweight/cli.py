@@ -1,31 +1,111 @@
-"""``lightning-reweight``: LightningCLI with any LightningModule / DataModule chosen by ``class_path``.
+"""``lightning-reweight``: a LightningCLI for per-sample weighting, with this package's modules listed.
 
     lightning-reweight fit --config recipes/quickstart.yaml
-    lightning-reweight test --config recipes/quickstart.yaml --ckpt_path path/to.ckpt
+    lightning-reweight fit --config recipes/quickstart.yaml --reweight.rule=kl_dro
+    lightning-reweight test --config recipes/tta_tent.yaml --ckpt_path path/to.ckpt
+
+Besides LightningCLI's ``--trainer``, ``--model`` and ``--data``, the recipe's weighting method has its own
+top-level key, ``--reweight`` (any ``Callback``, chosen by ``class_path``): its arguments are switched with
+``--reweight.ARG VALUE`` (jsonargparse cannot address one element of ``--trainer.callbacks`` by index).
+Further callbacks (reports, checkpoints) stay in ``trainer.callbacks``.
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# imported so that jsonargparse lists them as known subclasses in --help and accepts their short names
+import lightning_reweight.callbacks as _callbacks
+import lightning_reweight.data as _data
+import lightning_reweight.models as _models
+
+__all__ = ["ReweightCLI", "build_cli", "main"]
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """The LightningCLI behind the console script (``args``/``run`` as in ``LightningCLI``)."""
-    return LightningCLI(
+def _public_classes(module: Any, base: type) -> list[str]:
+    return sorted(name for name in getattr(module, "__all__", [])
+                  if isinstance(getattr(module, name), type) and issubclass(getattr(module, name), base))
+
+
+def _description() -> str:
+    models = ", ".join(_public_classes(_models, pl.LightningModule))
+    data = ", ".join(_public_classes(_data, pl.LightningDataModule))
+    callbacks = ", ".join(_public_classes(_callbacks, Callback))
+    return (
+        "lightning-reweight: train and test any LightningModule with per-sample weighting, sampling and test-time "
+        "adaptation callbacks (a LightningCLI). Recipes: recipes/*.yaml (--config). "
+        f"Modules (--model): {models}. DataModules (--data): {data}. Weighting / sampling / TTA callbacks "
+        f"(--reweight, or --trainer.callbacks): {callbacks}. Any other LightningModule, LightningDataModule or "
+        "Callback is taken by its import path. Arguments of a class: --model.help CLASS (e.g. --model.help "
+        "ImageClassifier, --reweight.help LossReweighting); switch an argument with --reweight.ARG VALUE "
+        "(e.g. --reweight.rule kl_dro)."
+    )
+
+
+class ReweightCLI(LightningCLI):
+    """LightningCLI with a top-level ``reweight`` key for the recipe's weighting callback and errors without
+    tracebacks for bad arguments.
+
+    ``reweight`` takes one ``Callback`` by ``class_path`` (or ``null``); it is appended to the Trainer's callbacks.
+    With ``friendly_errors``, an exception raised while the classes are built (e.g. a misspelled rule name)
+    is printed as one ``error:`` line naming the cause, and the process exits with status 2.
+    """
+
+    def __init__(self, *args: Any, friendly_errors: bool = False, **kwargs: Any):
+        self.friendly_errors = friendly_errors
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(Callback, "reweight", subclass_mode=True, required=False)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            if not self.friendly_errors:
+                raise
+            root = err
+            while root.__cause__ is not None:  # jsonargparse wraps the class's own error in its union message
+                root = root.__cause__
+            print(f"lightning-reweight: error: {type(root).__name__}: {root}\n"
+                  f"(while building the {self.subcommand or 'run'} configuration; run with --print_config to see it, "
+                  "or CLASS --help for the arguments)", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        parser = self._parser(self.subcommand)
+        keys = list(parser.callback_keys)
+        present = [k for k in keys if self._get(self.config_init, k) is not None]
+        parser.callback_keys = present  # an unset `reweight:` adds no callback
+        try:
+            return super().instantiate_trainer(**kwargs)
+        finally:
+            parser.callback_keys = keys
+
+
+def build_cli(args: list[str] | None = None, run: bool = True, friendly_errors: bool = False) -> ReweightCLI:
+    """The CLI behind the console script (``args``/``run`` as in ``LightningCLI``)."""
+    return ReweightCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": _description()},
         args=args,
         run=run,
+        friendly_errors=friendly_errors,
     )
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     """Console-script entry point (returns ``None`` so the exit status is 0 on success)."""
-    build_cli()
+    build_cli(args, friendly_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
