@@ -35,7 +35,8 @@ def _public_classes(module: Any, base: type) -> list[str]:
 def _description() -> str:
     models = ", ".join(_public_classes(_models, pl.LightningModule))
     data = ", ".join(_public_classes(_data, pl.LightningDataModule))
-    callbacks = ", ".join(_public_classes(_callbacks, Callback))
+    callbacks = ", ".join(c for c in _public_classes(_callbacks, Callback)
+                          if c not in ("WeightingCallback", "EntropyAdaptation"))  # base classes
     return (
         "lightning-reweight: train and test any LightningModule with per-sample weighting, sampling and test-time "
         "adaptation callbacks (a LightningCLI). Recipes: recipes/*.yaml (--config). "
@@ -72,9 +73,11 @@ class ReweightCLI(LightningCLI):
             root = err
             while root.__cause__ is not None:  # jsonargparse wraps the class's own error in its union message
                 root = root.__cause__
+            sub = self.subcommand or "fit"
             print(f"lightning-reweight: error: {type(root).__name__}: {root}\n"
-                  f"(while building the {self.subcommand or 'run'} configuration; run with --print_config to see it, "
-                  "or CLASS --help for the arguments)", file=sys.stderr)
+                  f"(raised while building the {sub} configuration; `lightning-reweight {sub} --reweight.help CLASS` "
+                  f"(or --model.help / --data.help) lists a class's arguments, `--print_config` shows the "
+                  "configuration)", file=sys.stderr)
             raise SystemExit(2) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -96,7 +99,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, friendly_errors: 
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": _description()},
+        parser_kwargs={"description": _description(), "prog": "lightning-reweight"},
         args=args,
         run=run,
         friendly_errors=friendly_errors,

@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_reweight.callbacks.logging import log_histogram
+from lightning_reweight.callbacks.logging import log_histogram, log_scalars
 from lightning_reweight.distributed import gather_rows
 from lightning_reweight.rules.tta import (
     EATASelection,
@@ -747,9 +747,7 @@ class EntropyAdaptation(Callback):
                           reduce_fx="sum")
         step = self.counters["batches"]
         if self.log_every_n_batches and (step - 1) % self.log_every_n_batches == 0:
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(scalars, step=step)
+            log_scalars(trainer, scalars, step=step, pl_module=pl_module)
             if self.log_histogram:
                 entropy = rec["entropy"].float()
                 weights = rec["weights"]
