@@ -18,13 +18,16 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 # imported so that jsonargparse lists them as known subclasses in --help and accepts their short names
 import lightning_reweight.callbacks as _callbacks
 import lightning_reweight.data as _data
 import lightning_reweight.models as _models
+from lightning_reweight.callbacks.base import weighting_callbacks
+from lightning_reweight.callbacks.logging import weight_summary
 
-__all__ = ["ReweightCLI", "build_cli", "main"]
+__all__ = ["ReweightCLI", "build_cli", "main", "weight_summary_lines"]
 
 
 def _public_classes(module: Any, base: type) -> list[str]:
@@ -80,6 +83,11 @@ class ReweightCLI(LightningCLI):
                   "configuration)", file=sys.stderr)
             raise SystemExit(2) from None
 
+    def after_fit(self) -> None:
+        """One line per weighting callback with a per-sample table: the weights the last epoch used."""
+        for line in weight_summary_lines(self.trainer):
+            rank_zero_info(line)
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         parser = self._parser(self.subcommand)
         keys = list(parser.callback_keys)
@@ -89,6 +97,23 @@ class ReweightCLI(LightningCLI):
             return super().instantiate_trainer(**kwargs)
         finally:
             parser.callback_keys = keys
+
+
+def weight_summary_lines(trainer: pl.Trainer) -> list[str]:
+    """``"<prefix> weights (last use of each of N samples): mean 1.00, max 3.21, min 0.12, ESS 81.3 %"`` for every
+    ``WeightingCallback`` that keeps a per-sample table (samples never drawn are left out)."""
+    lines = []
+    for cb in weighting_callbacks(trainer):
+        table = cb.table
+        if table is None or "weight" not in table.columns or "count" not in table.columns:
+            continue
+        seen = table["count"] > 0
+        if not bool(seen.any()):
+            continue
+        stats = weight_summary(table["weight"][seen])
+        lines.append(f"{cb.prefix} weights (last use of each of {int(seen.sum())} samples): mean {stats['mean']:.2f}, "
+                     f"max {stats['max']:.2f}, min {stats['min']:.2f}, ESS {100 * stats['ess_frac']:.1f} %")
+    return lines
 
 
 def build_cli(args: list[str] | None = None, run: bool = True, friendly_errors: bool = False) -> ReweightCLI:

@@ -3,7 +3,9 @@
 The commands are extracted from README.md itself (fenced code blocks and indented command lines), trailing
 ``# comments`` removed, and run in-process through the console script's ``main`` with
 ``--trainer.fast_dev_run=true`` and ``--trainer.logger=false`` appended; real-data recipes read
-``../shared/datasets`` as a user's would (a temporary folder holds ``recipes/`` and ``../shared``, so ``runs/``
+``../shared/datasets`` as a user's would; CIFAR-10-C streams are cut to 200 images and EATA's Fisher to 200
+samples (data-size caps, like the step cap), and decoded arrays are cached in the repository's git-ignored
+``.cache/`` (a temporary folder holds ``recipes/`` and ``../shared``, so ``runs/``
 outputs stay out of the repository; ``LIGHTNING_REWEIGHT_SHARED`` names another folder holding ``datasets/``). A ``test --ckpt_path P`` command whose checkpoint comes from an earlier
 ``fit`` is given a checkpoint of the recipe's freshly initialised model at ``P`` (a fast dev run saves none).
 
@@ -88,9 +90,22 @@ def test_readme_command_runs(command, tmp_path, monkeypatch):
     (work / "recipes").symlink_to(ROOT / "recipes")
     if SHARED.exists():
         (tmp_path / "shared").symlink_to(SHARED.parent)
+    (ROOT / ".cache").mkdir(exist_ok=True)
+    (work / ".cache").symlink_to(ROOT / ".cache")  # decoded CIFAR-10 / corrupted streams, shared between runs
     monkeypatch.chdir(work)
     if "--ckpt_path" in args:
         ckpt = work / args[args.index("--ckpt_path") + 1]
         if not ckpt.exists():
             _write_checkpoint(args, ckpt)
-    main([*args, "--trainer.fast_dev_run=true", "--trainer.logger=false"])
+    main([*args, *_caps(args), "--trainer.fast_dev_run=true", "--trainer.logger=false"])
+
+
+def _caps(args: list[str]) -> list[str]:
+    """Data-size caps for the slow real-data set-ups (a fast dev run reads one batch of each anyway)."""
+    config = (ROOT / args[args.index("--config") + 1]).read_text() if "--config" in args else ""
+    caps = []
+    if "CIFAR10CDataModule" in config and "corruptions: []" not in config:
+        caps.append("--data.init_args.num_test_images=200")
+    if "callbacks.tta.EATA" in config:
+        caps.append("--reweight.init_args.fisher_samples=200")
+    return caps
