@@ -193,10 +193,12 @@ def run_seed(seed, args, source_state, progress):
                                  error=err, backward=backward, passes=passes, seconds=0.0))
         # evaluate the adapted model as it is: reset="continual" puts the adapted γ/β back (the module itself was
         # restored to the source parameters at the end of every run), steps=0 adapts no further
+        adapted, source = cb.adapted_state, cb.source_state
+        drift = float(sum(((adapted[k] - source[k]) ** 2).sum() for k in adapted)) ** 0.5  # ‖θ − θ⁰‖ over γ/β
         cb.steps = 0
         err, _, _ = test_error(model, cb, loaders["clean"])
         rows.append(dict(seed=seed, method=label, protocol="clean_after", corruption="clean", severity=0, error=err,
-                         backward=0, passes=0, seconds=0.0))
+                         backward=0, passes=0, drift=drift, seconds=0.0))
         if method == "eata" and kw["fisher_alpha"] == 1.0 and not kw["fisher_normalize"]:  # the default is "eata"
             rows += [dict(r, method="eata") for r in rows if r["method"] == label and r["seed"] == seed]
     return rows
@@ -245,7 +247,9 @@ def summarise(rows, args):
                        "continual sev-5 mean error %": fmt_pm(cont) if cont else "-",
                        "clean error % (after continual adaptation)": fmt_pm(clean),
                        "backward passes": f"{mean_std(passes)[0]:.0f}" if passes else "0",
-                       "backward samples": f"{mean_std(back)[0]:.0f}" if back else "0"})
+                       "backward samples": f"{mean_std(back)[0]:.0f}" if back else "0",
+                       "γ/β drift ‖θ−θ⁰‖": fmt_pm([r["drift"] for r in values(method=method, protocol="clean_after")],
+                                                 scale=1.0, digits=3) if method not in ("source", "norm") else "0"})
     tables.append(print_table(forget, title="Forgetting and the Fisher ablation: clean-test error after adapting "
                                             "through all severity-5 corruptions in sequence (source/norm: no "
                                             "adaptation; eta = EATA without the Fisher term; raw = the estimated "
@@ -270,6 +274,7 @@ def summarise(rows, args):
         figures[f"clean_error_after_{tag}"] = mean_std([r["error"] for r in values(method=method,
                                                                                    protocol="clean_after")])[0]
         figures[f"error_{tag}_continual"] = mean_std(per_seed_mean(method, "continual", 5))[0]
+        figures[f"drift_{tag}"] = mean_std([r["drift"] for r in values(method=method, protocol="clean_after")])[0]
     if 3 in args.severities:
         for m in ("source", "tent", "eata"):
             figures[f"error_{m}_sev3"] = mean_std(per_seed_mean(m, "per_shift", 3))[0]

@@ -430,3 +430,96 @@ def test_normalised_fisher_has_mean_one_and_a_stronger_pull_to_the_source():
             assert omega is cb.fisher
         drift[normalize] = sum(float(((cb.adapted_state[k] - cb.source_state[k]) ** 2).sum()) for k in omega)
     assert drift[True] < drift[False]
+
+
+# --------------------------------------------------------------------------- checkpoint state validated at load
+def _eata_state():
+    model = make_model()
+    x, y = make_data(32)
+    fx, fy, _ = fisher_batches()
+    cb = EATA(e_margin=threshold(model, x), fisher_alpha=1.0, fisher_dataloader=loader(fx, fy), lr=1e-2,
+              reset="continual")
+    predict(model, cb, x, y)
+    assert cb.moving_average is not None and cb.fisher
+    return model, cb.state_dict()
+
+
+def _corrupt(state, path, value):
+    state = copy.deepcopy(state)
+    *parents, last = path
+    target = state
+    for key in parents:
+        target = target[key]
+    if value is _DELETE:
+        del target[last]
+    else:
+        target[last] = value(target[last]) if callable(value) else value
+    return state
+
+
+_DELETE = object()
+_FIRST = "net.1.weight"
+
+
+@pytest.mark.parametrize("path, value, key", [
+    (("extra", "fisher", _FIRST), lambda v: -v - 1, _FIRST),                            # negative Fisher
+    (("extra", "fisher", _FIRST), lambda v: v * float("nan"), _FIRST),                  # NaN Fisher
+    (("extra", "fisher", "other.weight"), torch.ones(3), "other.weight"),               # Fisher of no parameter
+    (("extra", "moving_average"), lambda m: m * 2, "moving_average"),                   # m not a distribution
+    (("extra", "moving_average"), lambda m: m * float("nan"), "moving_average"),
+    (("extra", "fisher"), _DELETE, "fisher"),                                           # missing key
+    (("source", _FIRST), lambda v: v * float("inf"), f"source.{_FIRST}"),               # non-finite source
+    (("adapted", _FIRST), lambda v: torch.ones(v.numel() + 1), f"adapted.{_FIRST}"),    # shape differs from source
+    (("adapted",), lambda a: {k: v for k, v in a.items() if k != _FIRST}, "adapted"),   # keys differ from source
+    (("counters", "backward_passes"), -3, "backward_passes"),                           # negative counter
+    (("counters", "samples"), _DELETE, "samples"),                                      # missing counter
+    (("counters", "selected"), 1.5, "selected"),                                        # not an int
+    (("last_shift",), (1, "x"), "last_shift"),
+    (("source",), _DELETE, "source"),                                                   # missing top-level key
+])
+def test_eata_state_is_validated_before_anything_is_assigned(path, value, key):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    _, state = _eata_state()
+    bad = _corrupt(state, path, value)
+    cb = EATA(fisher_alpha=1.0, reset="continual")
+    before = (dict(cb.counters), cb.moving_average, cb.fisher, cb.state_dict())
+    with pytest.raises(CheckpointStateError) as err:
+        cb.load_state_dict(bad)
+    assert err.value.key == key and repr(key) in str(err.value) and "callbacks[" in str(err.value)
+    assert (dict(cb.counters), cb.moving_average, cb.fisher) == before[:3]  # nothing half restored
+    assert cb.state_dict() == before[3]
+    cb.load_state_dict(state)  # the intact state still loads
+    assert cb.counters == state["counters"]
+
+
+def test_tta_source_parameters_must_match_the_module():
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    _, state = _eata_state()
+    x, y = make_data(16)
+    # a module with different BatchNorm names: refused when the run starts, naming the key; the module is untouched
+    other = TinyNet()
+    other.net = nn.Sequential(nn.Identity(), *list(other.net))  # every index shifts by one
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    cb = EATA(fisher_alpha=1.0, reset="continual")
+    cb.load_state_dict(state)
+    with pytest.raises(CheckpointStateError, match="Load it into the same architecture") as err:
+        predict(other, cb, x, y)
+    assert err.value.key in ("source", "adapted")
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, before[k])
+    # same names, other widths: the shape is named
+    wide = _corrupt(state, ("source", _FIRST), lambda v: torch.ones(v.numel() * 2))
+    wide = _corrupt(wide, ("adapted", _FIRST), lambda v: torch.ones(v.numel() * 2))
+    cb = EATA(fisher_alpha=1.0, reset="continual")
+    cb.load_state_dict(wide)
+    with pytest.raises(CheckpointStateError, match="expected shape") as err:
+        predict(make_model(), cb, x, y)
+    assert err.value.key == f"source.{_FIRST}"
+    # a callback already attached to the module checks at once
+    model = make_model()
+    attached = EATA(fisher_alpha=0.0, reset="continual")
+    predict(model, attached, x, y)
+    with pytest.raises(CheckpointStateError):
+        attached.load_state_dict(wide)
