@@ -94,3 +94,27 @@ def save_plot(fig: Any, out: Path, name: str) -> Path:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
     return path
+
+
+class Progress:
+    """One line per stage with the elapsed time, so long runs show they are alive::
+
+        progress = Progress("tta")
+        progress("training the source model")      # [tta    0.0s] training the source model
+        ...
+        progress.done()                            # [tta  412.3s] done
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.t0 = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.name} {self.elapsed:7.1f}s] {message}", flush=True)
+
+    def done(self) -> None:
+        self("done")

@@ -12,7 +12,10 @@ Protocols (seed = test-image subset/order and corruption noise; one source model
   error per corruption at severities 5 and 3, and the number of samples that entered a backward pass (EATA's
   "#backwards": Tent backpropagates every sample, EATA only the reliable, non-redundant ones);
 * forgetting: adapt continually through all severity-5 streams in sequence, then measure the error on the clean
-  test images with the adapted γ/β and batch statistics, without further updates (``steps=0``).
+  test images with the adapted γ/β and batch statistics, without further updates (``steps=0``). The Fisher
+  ablation runs EATA's variants here: ``fisher_alpha`` 0 (ETA), 1 on the raw Fisher (the default), and 1 and
+  ``--fisher-large`` on the Fisher normalised to mean 1 (``fisher_normalize=True``); the table also reports
+  backward passes (steps that ran a backward) and backward samples separately.
 
 Scale-down for a shared CPU (the papers: WRN-28-10 / ResNet-50, 15 corruptions × 10,000 images): a timm
 ``resnet10t`` at quarter width (channels 16-32-64-128, ~0.3 M parameters, ImageNet stem) trained from scratch
@@ -37,7 +40,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import fmt_pm, mean_std, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Progress,
+    fmt_pm,
+    mean_std,
+    parser,
+    print_table,
+    save_plot,
+    setup_threads,
+    write_json,
+)
 
 CORRUPTIONS = ["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"]
 METHODS = ["source", "norm", "tent", "eata"]
@@ -62,7 +74,7 @@ def _trainer(callbacks=(), **kw):
                       enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **kw)
 
 
-def source_model(args):
+def source_model(args, progress=None):
     """Train (or load from the cache) the source classifier; returns (model, clean test error, seconds)."""
     import lightning.pytorch as pl
 
@@ -79,8 +91,14 @@ def source_model(args):
         pl.seed_everything(0, verbose=False)
         model = ImageClassifier(**MODEL_KW)
         dm = CIFAR10CDataModule(root=args.root, corruptions=[], include_clean=True, cache_dir=args.cache_dir)
-        trainer = _trainer(max_epochs=args.epochs, limit_train_batches=args.train_batches, limit_val_batches=0,
-                           num_sanity_val_steps=0)
+        class EpochLine(pl.Callback):  # one line per source-model epoch
+            def on_train_epoch_end(self, trainer, pl_module):
+                if progress is not None:
+                    progress(f"source model: epoch {trainer.current_epoch + 1}/{args.epochs} "
+                             f"(train loss {float(trainer.callback_metrics.get('train/loss', float('nan'))):.3f})")
+
+        trainer = _trainer([EpochLine()], max_epochs=args.epochs, limit_train_batches=args.train_batches,
+                           limit_val_batches=0, num_sanity_val_steps=0)
         trainer.fit(model, datamodule=dm)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(ckpt)
@@ -88,7 +106,15 @@ def source_model(args):
     return model, ckpt, trained, time.perf_counter() - t0
 
 
-def make_callback(method, dm, *, reset):
+ABLATION = {  # name -> (fisher_alpha, fisher_normalize); "eata" is the default configuration
+    "eta (alpha=0)": (0.0, False),
+    "eata (alpha=1, raw)": (1.0, False),
+    "eata (alpha=1, norm)": (1.0, True),
+    "eata (alpha=L, norm)": (None, True),
+}
+
+
+def make_callback(method, dm, *, reset, fisher_alpha=1.0, fisher_normalize=False):
     from lightning_reweight.callbacks.tta import EATA, Tent
 
     if method == "source":
@@ -97,8 +123,8 @@ def make_callback(method, dm, *, reset):
         return Tent(steps=0, reset=reset, log_every_n_batches=0)
     if method == "tent":
         return Tent(lr=1e-3, reset=reset, log_every_n_batches=0)
-    return EATA(d_margin=0.4, fisher_alpha=1.0, fisher_samples=2000, fisher_dataloader=dm.val_dataloader(), lr=1e-3,
-                reset=reset, log_every_n_batches=0)
+    return EATA(d_margin=0.4, fisher_alpha=fisher_alpha, fisher_normalize=fisher_normalize, fisher_samples=2000,
+                fisher_dataloader=dm.val_dataloader(), lr=1e-3, reset=reset, log_every_n_batches=0)
 
 
 def test_error(model, cb, loader):
@@ -106,10 +132,11 @@ def test_error(model, cb, loader):
     before = dict(cb.counters) if cb is not None else None
     result = trainer.test(model, dataloaders=loader, verbose=False)[0]
     backward = (cb.counters["backward_samples"] - before["backward_samples"]) if cb is not None else 0
-    return 1.0 - float(result["test/acc"]), backward
+    passes = (cb.counters["backward_passes"] - before["backward_passes"]) if cb is not None else 0
+    return 1.0 - float(result["test/acc"]), backward, passes
 
 
-def run_seed(seed, args, source_state):
+def run_seed(seed, args, source_state, progress):
     import torch
 
     from lightning_reweight.data.corruptions import CIFAR10CDataModule
@@ -133,6 +160,7 @@ def run_seed(seed, args, source_state):
 
     rows = []
     for method in METHODS:  # per-shift protocol
+        progress(f"seed {seed}: {method}, reset per shift ({len(shift_names) - 1} streams)")
         model = fresh()
         torch.manual_seed(seed)
         cb = make_callback(method, dm, reset="per_shift")
@@ -141,26 +169,38 @@ def run_seed(seed, args, source_state):
                 continue
             corruption, severity = name.rsplit("-", 1)
             t0 = time.perf_counter()
-            err, backward = test_error(model, cb, loaders[name])
+            err, backward, passes = test_error(model, cb, loaders[name])
             rows.append(dict(seed=seed, method=method, protocol="per_shift", corruption=corruption,
-                             severity=int(severity), error=err, backward=backward, seconds=time.perf_counter() - t0))
+                             severity=int(severity), error=err, backward=backward, passes=passes,
+                             seconds=time.perf_counter() - t0))
         if method in ("source", "norm"):  # clean reference errors (no adaptation updates involved)
             model = fresh()
-            err, _ = test_error(model, make_callback(method, dm, reset="per_shift"), loaders["clean"])
+            err, _, _ = test_error(model, make_callback(method, dm, reset="per_shift"), loaders["clean"])
             rows.append(dict(seed=seed, method=method, protocol="clean", corruption="clean", severity=0, error=err,
-                             backward=0, seconds=0.0))
-    for method in ("tent", "eata"):  # forgetting: continual through the severity-5 streams, then clean
+                             backward=0, passes=0, seconds=0.0))
+    variants = {"tent": ("tent", {})}
+    for label, (alpha, normalize) in ABLATION.items():
+        variants[label] = ("eata", dict(fisher_alpha=args.fisher_large if alpha is None else alpha,
+                                        fisher_normalize=normalize))
+    for label, (method, kw) in variants.items():  # forgetting: continual through the severity-5 streams, then clean
+        progress(f"seed {seed}: {label}, continual through the severity-5 streams, then clean")
         model = fresh()
-        cb = make_callback(method, dm, reset="continual")
+        cb = make_callback(method, dm, reset="continual", **kw)
         for name in shift_names:
             if name.endswith("-5"):
-                err, backward = test_error(model, cb, loaders[name])
-                rows.append(dict(seed=seed, method=method, protocol="continual", corruption=name[:-2], severity=5,
-                                 error=err, backward=backward, seconds=0.0))
-        cb.steps = 0  # evaluate the adapted model as it is
-        err, _ = test_error(model, cb, loaders["clean"])
-        rows.append(dict(seed=seed, method=method, protocol="clean_after", corruption="clean", severity=0, error=err,
-                         backward=0, seconds=0.0))
+                err, backward, passes = test_error(model, cb, loaders[name])
+                rows.append(dict(seed=seed, method=label, protocol="continual", corruption=name[:-2], severity=5,
+                                 error=err, backward=backward, passes=passes, seconds=0.0))
+        # evaluate the adapted model as it is: reset="continual" puts the adapted γ/β back (the module itself was
+        # restored to the source parameters at the end of every run), steps=0 adapts no further
+        adapted, source = cb.adapted_state, cb.source_state
+        drift = float(sum(((adapted[k] - source[k]) ** 2).sum() for k in adapted)) ** 0.5  # ‖θ − θ⁰‖ over γ/β
+        cb.steps = 0
+        err, _, _ = test_error(model, cb, loaders["clean"])
+        rows.append(dict(seed=seed, method=label, protocol="clean_after", corruption="clean", severity=0, error=err,
+                         backward=0, passes=0, drift=drift, seconds=0.0))
+        if method == "eata" and kw["fisher_alpha"] == 1.0 and not kw["fisher_normalize"]:  # the default is "eata"
+            rows += [dict(r, method="eata") for r in rows if r["method"] == label and r["seed"] == seed]
     return rows
 
 
@@ -186,21 +226,34 @@ def summarise(rows, args):
                                                              corruption=c)])
             row["mean"] = fmt_pm(per_seed_mean(method, "per_shift", severity))
             back = per_seed_mean(method, "per_shift", severity, key="backward")
-            row["backward"] = f"{mean_std(back)[0]:.0f}" if method in ("tent", "eata") else "0"
+            row["backward samples"] = f"{mean_std(back)[0]:.0f}" if method in ("tent", "eata") else "0"
+            passes = per_seed_mean(method, "per_shift", severity, key="passes")
+            row["backward passes"] = f"{mean_std(passes)[0]:.0f}" if method in ("tent", "eata") else "0"
             table.append(row)
         tables.append(print_table(table, title=f"Error % per corruption, severity {severity} (reset per shift; "
-                                               f"mean ± std over {len(args.seeds)} seeds; backward = samples "
-                                               f"backpropagated per run of {len(args.corruptions)} × {args.images if severity == 5 else args.images_sev3} images)"))
+                                               f"mean ± std over {len(args.seeds)} seeds; backward samples / passes = "
+                                               f"samples backpropagated / steps that ran a backward, per run of "
+                                               f"{len(args.corruptions)} streams × {args.images if severity == 5 else args.images_sev3} "
+                                               f"images in batches of {args.batch_size})"))
     forget = []
-    for method in METHODS:
+    for method in ["source", "norm", "tent", *ABLATION]:
         cont = per_seed_mean(method, "continual", 5)
         clean = [r["error"] for r in values(method=method, protocol="clean" if method in ("source", "norm")
                                             else "clean_after")]
-        forget.append({"method": method,
+        passes = per_seed_mean(method, "continual", 5, key="passes")
+        back = per_seed_mean(method, "continual", 5, key="backward")
+        label = method.replace("alpha=L", f"alpha={args.fisher_large:g}")
+        forget.append({"method": label,
                        "continual sev-5 mean error %": fmt_pm(cont) if cont else "-",
-                       "clean error % (after continual adaptation)": fmt_pm(clean)})
-    tables.append(print_table(forget, title="Forgetting: clean-test error after adapting through all severity-5 "
-                                            "corruptions in sequence (source/norm: no adaptation)"))
+                       "clean error % (after continual adaptation)": fmt_pm(clean),
+                       "backward passes": f"{mean_std(passes)[0]:.0f}" if passes else "0",
+                       "backward samples": f"{mean_std(back)[0]:.0f}" if back else "0",
+                       "γ/β drift ‖θ−θ⁰‖": fmt_pm([r["drift"] for r in values(method=method, protocol="clean_after")],
+                                                 scale=1.0, digits=3) if method not in ("source", "norm") else "0"})
+    tables.append(print_table(forget, title="Forgetting and the Fisher ablation: clean-test error after adapting "
+                                            "through all severity-5 corruptions in sequence (source/norm: no "
+                                            "adaptation; eta = EATA without the Fisher term; raw = the estimated "
+                                            "Fisher, norm = Fisher / its mean)"))
     figures = {
         "error_source": mean_std(per_seed_mean("source", "per_shift", 5))[0],
         "error_norm": mean_std(per_seed_mean("norm", "per_shift", 5))[0],
@@ -214,7 +267,14 @@ def summarise(rows, args):
         "clean_error_after_eata": mean_std([r["error"] for r in values(method="eata", protocol="clean_after")])[0],
         "error_tent_continual": mean_std(per_seed_mean("tent", "continual", 5))[0],
         "error_eata_continual": mean_std(per_seed_mean("eata", "continual", 5))[0],
+        "passes_tent": mean_std(per_seed_mean("tent", "per_shift", 5, key="passes"))[0],
+        "passes_eata": mean_std(per_seed_mean("eata", "per_shift", 5, key="passes"))[0],
     }
+    for method, tag in zip(ABLATION, ("eta", "eata_raw1", "eata_norm1", "eata_norm_large")):
+        figures[f"clean_error_after_{tag}"] = mean_std([r["error"] for r in values(method=method,
+                                                                                   protocol="clean_after")])[0]
+        figures[f"error_{tag}_continual"] = mean_std(per_seed_mean(method, "continual", 5))[0]
+        figures[f"drift_{tag}"] = mean_std([r["drift"] for r in values(method=method, protocol="clean_after")])[0]
     if 3 in args.severities:
         for m in ("source", "tent", "eata"):
             figures[f"error_{m}_sev3"] = mean_std(per_seed_mean(m, "per_shift", 3))[0]
@@ -268,28 +328,32 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=200, help="test batch (Tent's CIFAR-10-C: 200; EATA ImageNet: 64)")
     p.add_argument("--epochs", type=int, default=6, help="source-model epochs")
     p.add_argument("--train-batches", type=int, default=150, help="batches of 128 per source-model epoch")
+    p.add_argument("--fisher-large", type=float, default=50.0,
+                   help="the large fisher_alpha of the ablation (on the normalised Fisher)")
     p.add_argument("--root", default="../shared/datasets")
     p.add_argument("--cache-dir", default=".cache/lightning_reweight")
     args = p.parse_args()
     setup_threads(args.threads)
     _quiet()
     args.corruptions, args.severities = list(CORRUPTIONS), [5, 3]
-    if args.quick:
-        args.seeds, args.images, args.images_sev3, args.epochs, args.train_batches = 1, 400, 200, 1, 40
-        args.corruptions = ["gaussian_noise", "contrast"]
+    if args.quick:  # one seed, two corruptions, severity 5 only, a 20-batch source model: well under a minute
+        args.seeds, args.images, args.images_sev3, args.epochs, args.train_batches = 1, 400, 200, 1, 20
+        args.corruptions, args.severities = ["gaussian_noise", "contrast"], [5]
     args.seeds = list(range(args.seeds))
 
     import torch
 
     t_start = time.perf_counter()
-    model, ckpt, trained, t_source = source_model(args)
-    print(f"source model: {ckpt} ({'trained' if trained else 'loaded from cache'} in {t_source:.0f}s)", flush=True)
+    progress = Progress("tta")
+    progress(f"source model: {args.epochs} epoch(s) x {args.train_batches} batches (or the cached checkpoint)")
+    model, ckpt, trained, t_source = source_model(args, progress)
+    progress(f"source model: {ckpt} ({'trained' if trained else 'loaded from cache'} in {t_source:.0f}s)")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        rows += run_seed(seed, args, state)
-        print(f"seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+        rows += run_seed(seed, args, state, progress)
+        progress(f"seed {seed} finished in {time.perf_counter() - t0:.0f}s")
     tables, figures = summarise(rows, args)
     plot(rows, args, figures)
     print("\nfigures: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()))

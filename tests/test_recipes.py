@@ -1,5 +1,6 @@
 """Every recipe parses and instantiates through the CLI; the digits recipes also run one step."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import yaml
 from lightning_reweight.cli import build_cli
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# ../shared beside the repository (CI), or LIGHTNING_REWEIGHT_SHARED: a folder holding datasets/
+SHARED = Path(os.environ.get("LIGHTNING_REWEIGHT_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "datasets"
 
 
 def _needs_shared(cfg: dict) -> bool:

@@ -1,16 +1,22 @@
 """Weight diagnostics for the Trainer's loggers: histograms and summary scalars.
 
 Scalars go straight to every logger (``logger.log_metrics``) at the callback's own cadence — not through
-``pl_module.log``, whose writes Lightning throttles to ``Trainer(log_every_n_steps)`` and would drop when the
-two cadences differ; histograms go to every logger whose ``experiment`` has ``add_histogram``
+``pl_module.log``'s logger path, whose writes Lightning throttles to ``Trainer(log_every_n_steps)`` and would
+drop when the two cadences differ; histograms go to every logger whose ``experiment`` has ``add_histogram``
 (TensorBoard). Values are identical on every rank (they come from the gathered batch), so rank 0 alone
-writes.
+writes to the loggers.
+
+The same scalars also reach ``trainer.callback_metrics`` on every rank, at the same cadence (through
+``pl_module.log(..., logger=False)`` where the hook allows it, else written into ``trainer.callback_metrics``),
+so ``ModelCheckpoint(monitor="reweight/ess")`` and ``EarlyStopping`` can use them; a key keeps its last value
+between two logging steps.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_reweight.rules.instance import effective_sample_size
@@ -37,9 +43,38 @@ def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int | Non
             experiment.add_histogram(tag, values.detach().float().cpu(), global_step=step)
 
 
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
-    """Write scalars to every logger now (rank 0 only), bypassing Lightning's logging cadence."""
-    if not trainer.is_global_zero or not metrics:
+def publish_metrics(trainer: pl.Trainer, metrics: dict[str, float], pl_module: pl.LightningModule | None = None) -> None:
+    """Make scalars available in ``trainer.callback_metrics`` (every rank), for ``ModelCheckpoint(monitor=...)``,
+    ``EarlyStopping`` and other callbacks.
+
+    Uses ``pl_module.log(name, value, on_step=True, on_epoch=False, logger=False)`` when the current hook allows
+    step logging (the loggers get the values from ``log_scalars``, at the callback's cadence), and writes the value
+    into ``trainer.callback_metrics`` as well, so it is there at once and also from hooks where Lightning does not
+    allow ``self.log`` (e.g. ``predict``, epoch-end hooks with ``on_step``).
+    """
+    if not metrics:
+        return
+    module = pl_module if pl_module is not None else getattr(trainer, "lightning_module", None)
+    values = {k: torch.tensor(float(v)) for k, v in metrics.items()}
+    if module is not None and getattr(module, "_current_fx_name", None) is not None:
+        try:
+            for k, v in values.items():
+                module.log(k, v, on_step=True, on_epoch=False, logger=False, prog_bar=False, batch_size=1)
+        except MisconfigurationException:  # this hook does not allow step logging: the direct write below suffices
+            pass
+    callback_metrics = trainer.callback_metrics
+    for k, v in values.items():
+        callback_metrics[k] = v
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None,
+                pl_module: pl.LightningModule | None = None) -> None:
+    """Write scalars to every logger now (rank 0 only), bypassing Lightning's logging cadence, and publish them
+    in ``trainer.callback_metrics`` on every rank (``publish_metrics``)."""
+    if not metrics:
+        return
+    publish_metrics(trainer, metrics, pl_module)
+    if not trainer.is_global_zero:
         return
     step = trainer.global_step if step is None else step
     for logger in trainer.loggers:
@@ -74,7 +109,7 @@ def log_weight_stats(
     if extra:
         stats.update(extra)
     if stats:
-        log_scalars(trainer, {f"{prefix}/{k}": v for k, v in stats.items()}, step=step)
+        log_scalars(trainer, {f"{prefix}/{k}": v for k, v in stats.items()}, step=step, pl_module=pl_module)
     if histogram:
         log_histogram(trainer, f"{prefix}/weights", weights, step=step)
     return stats

@@ -5,8 +5,12 @@ Design (how predictions and adaptation meet, without changes to the LightningMod
 * At the start of a test/predict run the callback switches the model into *TTA mode*: every BatchNorm layer
   normalises with the statistics of the current batch (``training=True``, ``track_running_stats=False``, so the
   source running statistics are kept but neither used nor changed) and only the BatchNorm affine parameters
-  (γ, β) require gradients. Everything is put back at the end of the run (the adapted γ, β stay: that is the
-  adapted model).
+  (γ, β) require gradients. Everything is put back at the end of the run, including the source γ, β
+  (``keep_adapted=False``, the default): after ``trainer.test`` the module is the model that was passed in. The
+  adapted γ, β are kept in the callback (``adapted_state``, checkpointed) and put back into the module when the
+  next run starts, so ``reset="continual"`` carries on across runs. ``keep_adapted=True`` leaves them in the
+  module instead (with a warning: outside the callback BatchNorm normalises with the source running statistics,
+  which the adapted γ, β were not trained with).
 * It registers a forward pre-hook and a forward hook on the module whose output is the logits (the
   LightningModule itself by default, ``module_name`` for a submodule). The module's own ``test_step`` /
   ``predict_step`` calls ``self(x)`` as usual; the pre-hook turns gradients on for that call (Lightning runs
@@ -35,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_reweight.callbacks.logging import log_histogram
+from lightning_reweight.callbacks.logging import log_histogram, log_scalars
 from lightning_reweight.distributed import gather_rows
 from lightning_reweight.rules.tta import (
     EATASelection,
@@ -48,6 +52,14 @@ from lightning_reweight.rules.tta import (
     tent_select,
     update_moving_average,
 )
+from lightning_reweight.state.validate import (
+    CheckpointStateError,
+    as_distribution,
+    as_float,
+    as_int,
+    as_tensor,
+    require_keys,
+)
 
 __all__ = ["EATA", "Tent", "EntropyAdaptation"]
 
@@ -56,8 +68,13 @@ SmallBatch = Literal["error", "skip"]
 OptimizerName = Literal["adam", "sgd"]
 
 _RESET_POLICIES = ("continual", "episodic", "per_shift")
-_COUNTERS = ("batches", "samples", "forwards", "backward_passes", "backward_samples", "reliable", "selected",
-             "skipped_batches", "resets")
+_COUNTERS = ("batches", "samples", "forwards", "backward_passes", "backward_samples", "steps_without_backward",
+             "reliable", "selected", "skipped_batches", "resets")
+
+
+def as_tensor_any(state: dict[str, Any], key: str, where: str) -> Tensor:
+    """``state[key]`` as a finite floating-point tensor of any shape."""
+    return as_tensor(state, key, where, ndim=None)
 
 
 def _batch_input(batch: Any) -> Tensor:
@@ -103,6 +120,9 @@ class EntropyAdaptation(Callback):
             statistics and current γ/β, without an update (counted in ``skipped_batches``).
         log_every_n_batches: scalar/histogram logging period in adapted batches (0 disables).
         log_histogram: also write entropy/weight histograms (TensorBoard).
+        keep_adapted: leave the adapted γ, β in the module at the end of a run (default ``False``: restore the
+            source parameters, so the module is left as it was found; the adapted values stay available in
+            ``adapted_state`` and resume at the next run).
         name: checkpoint key and log prefix (two instances need different names).
     """
 
@@ -112,7 +132,7 @@ class EntropyAdaptation(Callback):
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, steps: int = 1,
                  reset: ResetPolicy = "per_shift", module_name: str | None = None, min_batch_size: int = 2,
                  small_batch: SmallBatch = "error", log_every_n_batches: int = 10, log_histogram: bool = True,
-                 name: str | None = None):
+                 keep_adapted: bool = False, name: str | None = None):
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"Expected argument `optimizer` to be 'adam' or 'sgd', but got {optimizer!r}.")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -138,6 +158,7 @@ class EntropyAdaptation(Callback):
         self.steps, self.reset_policy, self.module_name = steps, reset, module_name
         self.min_batch_size, self.small_batch = min_batch_size, small_batch
         self.log_every_n_batches, self.log_histogram, self.name = log_every_n_batches, log_histogram, name
+        self.keep_adapted = bool(keep_adapted)
 
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._target: nn.Module | None = None
@@ -158,6 +179,9 @@ class EntropyAdaptation(Callback):
         self._grad_prev: bool | None = None
         self._warned_second_forward = False
         self._last_log: dict[str, Any] | None = None
+        #: adapted γ/β taken out of the module at the end of a run (``keep_adapted=False``); back in at the next
+        self._stash: dict[str, Tensor] | None = None
+        self._running = False
 
     # ------------------------------------------------------------------ identity
     @property
@@ -203,8 +227,32 @@ class EntropyAdaptation(Callback):
         """The BatchNorm affine parameters being adapted (names relative to the hooked module)."""
         return dict(self._params)
 
+    @property
+    def source_state(self) -> dict[str, Tensor]:
+        """A copy of the source γ/β snapshot (what ``reset`` and the end of a run restore), by parameter name."""
+        return {k: v.detach().clone() for k, v in self._source.items()}
+
+    @property
+    def adapted_state(self) -> dict[str, Tensor]:
+        """A copy of the current adapted γ/β, by parameter name — also after a run that restored the source
+        parameters into the module (``keep_adapted=False``)."""
+        if self._stash is not None:
+            return {k: v.detach().clone() for k, v in self._stash.items()}
+        return {k: p.detach().clone() for k, p in self._params.items()}
+
+    @property
+    def backward_passes(self) -> int:
+        """Adaptation steps that ran a backward pass (a step that selects no sample runs none)."""
+        return self.counters["backward_passes"]
+
+    @property
+    def backward_samples(self) -> int:
+        """Samples that entered a backward pass (EATA's "#backwards"), over all ranks."""
+        return self.counters["backward_samples"]
+
     def reset(self) -> None:
         """Restore the source γ/β, a fresh optimiser state and method state (EATA's ``m``). Counters keep running."""
+        self._stash = None
         if self._params:
             with torch.no_grad():
                 for k, p in self._params.items():
@@ -216,6 +264,7 @@ class EntropyAdaptation(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn enum
         if stage not in ("test", "predict"):
             return
         loop = trainer.test_loop if stage == "test" else trainer.predict_loop
@@ -270,12 +319,12 @@ class EntropyAdaptation(Callback):
     # ------------------------------------------------------------------ checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._pending is not None and not self._params:
+        if self._pending is not None:
             return dict(self._pending)
         return {
             "version": 1,
             "source": {k: v.detach().cpu().clone() for k, v in self._source.items()},
-            "adapted": {k: p.detach().cpu().clone() for k, p in self._params.items()},
+            "adapted": {k: v.cpu() for k, v in self.adapted_state.items()},
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "counters": dict(self.counters),
             "last_shift": self._last_shift,
@@ -285,14 +334,51 @@ class EntropyAdaptation(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from ``state_dict()``: γ/β, source snapshot and optimiser are applied when the next
-        test/predict run starts (the model is not known before); counters and method state at once."""
-        self.counters = {**dict.fromkeys(_COUNTERS, 0), **state_dict.get("counters", {})}
-        last = state_dict.get("last_shift")
+        test/predict run starts (the model is not known before); counters and method state at once.
+
+        Everything is validated first (``CheckpointStateError`` names the key; nothing is assigned on error):
+        source and adapted γ/β (same names and shapes, finite; checked against the module's BatchNorm parameters
+        as soon as it is known), counters (non-negative ints), the last shift and the method state."""
+        where = self._where
+        require_keys(state_dict, ["source", "adapted", "optimizer", "counters", "last_shift", "extra"], where)
+        source, adapted = state_dict["source"], state_dict["adapted"]
+        for key, values in (("source", source), ("adapted", adapted)):
+            if not isinstance(values, dict):
+                raise CheckpointStateError(where, key, f"expected a dict of tensors, but got {type(values).__name__}.")
+            for name, v in values.items():
+                if not isinstance(v, Tensor) or not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+                    raise CheckpointStateError(where, f"{key}.{name}", "expected a finite floating-point tensor, but "
+                                               f"got {v if not isinstance(v, Tensor) else 'dtype ' + str(v.dtype)}.")
+        if source and set(source) != set(adapted):
+            raise CheckpointStateError(where, "adapted", f"expected the same parameters as 'source', but got "
+                                       f"{sorted(set(adapted) ^ set(source))[:5]} in only one of them.")
+        for name, v in adapted.items():
+            if name in source and v.shape != source[name].shape:
+                raise CheckpointStateError(where, f"adapted.{name}", f"expected shape {tuple(source[name].shape)} "
+                                           f"(as in 'source'), but got {tuple(v.shape)}.")
+        counters_state = state_dict["counters"]
+        required = [k for k in _COUNTERS if k != "steps_without_backward"]  # added later: optional
+        require_keys(counters_state, required, f"{where}['counters']")
+        counters = {k: as_int(counters_state, k, f"{where}['counters']", minimum=0)
+                    for k in _COUNTERS if k in counters_state}
+        last = state_dict["last_shift"]
+        if last is not None and not (isinstance(last, (tuple, list)) and len(last) == 2
+                                     and all(isinstance(v, int) and v >= 0 for v in last)):
+            raise CheckpointStateError(where, "last_shift", f"expected None or (run, dataloader_idx), but got {last!r}.")
+        optimizer = state_dict["optimizer"]
+        if optimizer is not None and not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+            raise CheckpointStateError(where, "optimizer", "expected None or a torch optimizer state_dict (with "
+                                       f"'state' and 'param_groups'), but got {type(optimizer).__name__}.")
+        extra = self.validate_extra_state(state_dict["extra"], set(source))
+        if self._params:
+            self._check_against_module(state_dict)
+        # every check passed: assign
+        self.counters = {**dict.fromkeys(_COUNTERS, 0), **counters}
         self._last_shift = tuple(last) if last is not None else None
-        self.load_extra_state(state_dict.get("extra", {}))
+        self.load_extra_state(extra)
         self._pending = dict(state_dict)
         self._resume_shift = True
-        if self._params:  # already attached to a model: apply now
+        if self._params and self._running:  # attached and inside a run: apply now (otherwise at the next run)
             self._apply_pending()
 
     # ------------------------------------------------------------------ internals: setup / teardown
@@ -333,22 +419,48 @@ class EntropyAdaptation(Callback):
                 f"{type(target).__name__} has none (no BatchNorm, or affine=False). Use a model with BatchNorm."
             )
         self._params = params
+        self._stash = None
         self._source = {k: p.detach().clone() for k, p in params.items()}
         self._optimizer = self._make_optimizer()
+
+    @property
+    def _where(self) -> str:
+        return f"callbacks[{self.state_key!r}]"
+
+    def validate_extra_state(self, extra: Any, param_names: set[str]) -> dict[str, Any]:
+        """Check the method state of a checkpoint before anything is assigned; returns what
+        ``load_extra_state`` receives (``param_names``: the checkpoint's adapted parameter names)."""
+        if not isinstance(extra, dict):
+            raise CheckpointStateError(self._where, "extra", f"expected a dict, but got {type(extra).__name__}.")
+        return extra
+
+    def _check_against_module(self, state: dict[str, Any]) -> None:
+        """The checkpoint's γ/β must be exactly the module's BatchNorm affine parameters, with their shapes."""
+        for key in ("source", "adapted"):
+            values = state.get(key) or {}
+            unknown = sorted(set(values) - set(self._params))
+            missing = sorted(set(self._params) - set(values)) if values else []
+            if unknown or missing:
+                raise CheckpointStateError(
+                    self._where, key,
+                    f"expected the module's BatchNorm parameters {sorted(self._params)[:5]}..., but the checkpoint "
+                    f"has {unknown[:5]} that the module does not have and lacks {missing[:5]}. Load it into the same "
+                    "architecture (and the same `module_name`).")
+            for name, v in values.items():
+                if tuple(v.shape) != tuple(self._params[name].shape):
+                    raise CheckpointStateError(self._where, f"{key}.{name}", f"expected shape "
+                                               f"{tuple(self._params[name].shape)} (the module's), but got {tuple(v.shape)}.")
 
     def _apply_pending(self) -> None:
         state, self._pending = self._pending, None
         if not state:
             return
-        for key in ("source", "adapted"):
-            values = state.get(key) or {}
-            unknown = sorted(set(values) - set(self._params))
-            if unknown:
-                raise ValueError(
-                    f"The loaded {type(self).__name__} state has parameters {unknown[:5]} that the model does not "
-                    f"have (model BatchNorm parameters: {sorted(self._params)[:5]}...). Load it into the same "
-                    "architecture (and the same `module_name`)."
-                )
+        try:
+            self._check_against_module(state)
+        except CheckpointStateError:
+            self._pending = state  # nothing applied; the state is kept as loaded
+            raise
+        self._stash = None
         with torch.no_grad():
             for k, v in (state.get("source") or {}).items():
                 self._source[k] = v.to(self._params[k]).clone()
@@ -368,8 +480,14 @@ class EntropyAdaptation(Callback):
             self._attach(target)
             if self._pending is None:  # a new model: state from another model does not apply
                 self.on_new_model()
+        if self._stash is not None:  # the adapted γ/β taken out at the end of the previous run
+            with torch.no_grad():
+                for k, p in self._params.items():
+                    p.copy_(self._stash[k].to(p))
+            self._stash = None
         if self._pending is not None:
             self._apply_pending()
+        self._running = True
         self._enter_tta_mode()
         pre = target.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         post = target.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True)
@@ -410,6 +528,28 @@ class EntropyAdaptation(Callback):
         for p in self._params.values():
             p.grad = None
         self._active = False
+        if self._running:
+            self._running = False
+            self._leave_adapted_parameters()
+
+    def _leave_adapted_parameters(self) -> None:
+        """End of a run: put the source γ/β back into the module (default) or leave the adapted ones, with a
+        warning about the statistics they will meet outside the callback."""
+        if not self._params:
+            return
+        if self.keep_adapted:
+            rank_zero_warn(
+                f"{type(self).__name__}(keep_adapted=True) leaves the adapted BatchNorm γ/β in the module. They were "
+                "adapted while BatchNorm normalised with each test batch's statistics; outside the callback (eval "
+                "mode) BatchNorm normalises with the source running statistics instead, so the module's predictions "
+                "differ from the adapted ones and can be worse than the source model's. Evaluate the adapted model "
+                "through the callback (`steps=0`, `reset='continual'`), or keep the default keep_adapted=False."
+            )
+            return
+        with torch.no_grad():
+            self._stash = {k: p.detach().clone() for k, p in self._params.items()}
+            for k, p in self._params.items():
+                p.copy_(self._source[k].to(p))
 
     def _check_equal_batches(self, trainer: pl.Trainer, stage: str) -> None:
         counts = trainer.num_test_batches if stage == "test" else trainer.num_predict_batches
@@ -550,6 +690,8 @@ class EntropyAdaptation(Callback):
                 loss_value = float(glob[4]) / n_sel + (float(reg.detach()) if reg is not None else 0.0)
                 self.counters["backward_passes"] += 1
                 self.counters["backward_samples"] += n_sel
+            else:  # no sample selected on any rank: no loss, no backward, no optimiser step
+                self.counters["steps_without_backward"] += 1
             if step == 0:
                 self.counters["samples"] += n_all
                 self.counters["reliable"] += n_rel
@@ -565,11 +707,12 @@ class EntropyAdaptation(Callback):
             n_all = int(self._all_sum(torch.tensor([float(n)], device=entropy_or_logits.device))[0])
             self.counters["samples"] += n_all
             entropy = softmax_entropy(entropy_or_logits.float())
-            self._last_log = {"n": n_all, "n_rel": n_all, "n_sel": 0, "w_sum": 0.0, "loss": None,
+            self._last_log = {"n": n_all, "n_rel": n_all, "n_sel": 0, "w_sum": 0.0, "loss": None, "backward": 0,
                               "entropy": entropy, "weights": None}
             return
         n_all, n_rel, n_sel, w_sum = stats  # type: ignore[misc]
         self._last_log = {"n": n_all, "n_rel": n_rel, "n_sel": n_sel, "w_sum": w_sum, "loss": loss,
+                          "backward": (1 if n_sel > 0 else 0) * self.steps,
                           "entropy": entropy_or_logits, "weights": sel.weights[sel.selected].detach()}
 
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -600,11 +743,11 @@ class EntropyAdaptation(Callback):
             pl_module.log(f"{p}/kept_frac", n_sel / max(n, 1), on_step=False, on_epoch=True, batch_size=max(n, 1))
             pl_module.log(f"{p}/backward_samples_run", float(n_sel if self.steps else 0), on_step=False,
                           on_epoch=True, reduce_fx="sum")
+            pl_module.log(f"{p}/backward_passes_run", float(rec["backward"]), on_step=False, on_epoch=True,
+                          reduce_fx="sum")
         step = self.counters["batches"]
         if self.log_every_n_batches and (step - 1) % self.log_every_n_batches == 0:
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(scalars, step=step)
+            log_scalars(trainer, scalars, step=step, pl_module=pl_module)
             if self.log_histogram:
                 entropy = rec["entropy"].float()
                 weights = rec["weights"]
@@ -663,6 +806,10 @@ class EATA(EntropyAdaptation):
             ``None``, the DataModule's ``val_dataloader()`` (``fisher_source="val"``) or ``train_dataloader()``
             (``"train"``) is used. The model is in TTA mode while ``ω`` is estimated, as in EATA.
         fisher_source: which DataModule loader to take when ``fisher_dataloader`` is ``None``.
+        fisher_normalize: divide ``ω`` by its mean over all adapted parameters, so that ``fisher_alpha`` is on the
+            scale of the entropy loss: the penalty is ``fisher_alpha·Σ ω̂(θ − θ⁰)²`` with mean ``ω̂`` = 1. The raw
+            Fisher of a confident 10-class model is tiny (mean ``ω`` ~1e-4), so at ``fisher_alpha=1`` the raw
+            penalty hardly acts (EATA ≈ ETA); EATA's ImageNet value 2000 compensates for that scale.
         momentum_m: update rate of the moving average ``m`` (EATA: 0.1).
         **kwargs: ``EntropyAdaptation`` arguments (optimizer, lr, steps, reset, module_name, ...).
 
@@ -676,7 +823,8 @@ class EATA(EntropyAdaptation):
 
     def __init__(self, e_margin: float | None = None, e_margin_factor: float = 0.4, d_margin: float | None = 0.4,
                  fisher_alpha: float = 1.0, fisher_samples: int = 2000, fisher_dataloader: Iterable | None = None,
-                 fisher_source: Literal["val", "train"] = "val", momentum_m: float = 0.1, **kwargs: Any):
+                 fisher_source: Literal["val", "train"] = "val", fisher_normalize: bool = False,
+                 momentum_m: float = 0.1, **kwargs: Any):
         super().__init__(**kwargs)
         if e_margin is not None and not (math.isfinite(e_margin) and e_margin > 0):
             raise ValueError(f"Expected argument `e_margin` to be a positive finite number or None, but got {e_margin!r}.")
@@ -695,12 +843,34 @@ class EATA(EntropyAdaptation):
         self.e_margin, self.e_margin_factor, self.d_margin = e_margin, float(e_margin_factor), d_margin
         self.fisher_alpha, self.fisher_samples = float(fisher_alpha), fisher_samples
         self.fisher_dataloader, self.fisher_source, self.momentum_m = fisher_dataloader, fisher_source, float(momentum_m)
+        self.fisher_normalize = bool(fisher_normalize)
         self.moving_average: Tensor | None = None
         self.fisher: dict[str, Tensor] | None = None
         self.fisher_num_samples = 0
+        self._fisher_cache: dict[str, Tensor] | None = None
         self._e0: float | None = e_margin
 
     # ------------------------------------------------------------------ EATA pieces
+    @property
+    def entropy_margin(self) -> float | None:
+        """The reliability threshold ``E0`` in nats in use: ``e_margin``, or ``e_margin_factor·ln C`` once the
+        first batch showed the number of classes ``C`` (``None`` before that)."""
+        return self._e0
+
+    @property
+    def fisher_weights(self) -> dict[str, Tensor] | None:
+        """The ``ω`` the penalty uses: the estimated Fisher, divided by its mean when ``fisher_normalize``."""
+        if not self.fisher:
+            return None
+        if not self.fisher_normalize:
+            return self.fisher
+        total = sum(float(v.sum()) for v in self.fisher.values())
+        count = sum(v.numel() for v in self.fisher.values())
+        mean = total / max(count, 1)
+        if not mean > 0:
+            return self.fisher
+        return {k: v / mean for k, v in self.fisher.items()}
+
     @override
     def select(self, entropy: Tensor, probs: Tensor) -> EATASelection:
         if self._e0 is None:
@@ -718,7 +888,9 @@ class EATA(EntropyAdaptation):
     def penalty(self) -> Tensor | None:
         if self.fisher_alpha == 0 or not self.fisher:
             return None
-        return fisher_penalty(self._params, self.fisher, self._source, self.fisher_alpha)
+        if self._fisher_cache is None:
+            self._fisher_cache = self.fisher_weights
+        return fisher_penalty(self._params, self._fisher_cache, self._source, self.fisher_alpha)
 
     @override
     def reset_extra(self) -> None:
@@ -728,6 +900,7 @@ class EATA(EntropyAdaptation):
     def on_new_model(self) -> None:
         self.moving_average = None
         self.fisher, self.fisher_num_samples = None, 0
+        self._fisher_cache = None
         self._e0 = self.e_margin
 
     @override
@@ -748,6 +921,7 @@ class EATA(EntropyAdaptation):
             fisher, n = trainer.strategy.broadcast((fisher, n), src=0)
             fisher = {k: v.to(device) for k, v in fisher.items()}
         self.fisher, self.fisher_num_samples = fisher, n
+        self._fisher_cache = None
 
     def _clean_loader(self, trainer: pl.Trainer) -> Iterable:
         if self.fisher_dataloader is not None:
@@ -780,9 +954,36 @@ class EATA(EntropyAdaptation):
         }
 
     @override
+    def validate_extra_state(self, extra: Any, param_names: set[str]) -> dict[str, Any]:
+        where = f"{self._where}['extra']"
+        require_keys(extra, ["moving_average", "fisher", "fisher_num_samples", "e_margin"], where)
+        m = extra["moving_average"]
+        if m is not None:
+            m = as_distribution(extra, "moving_average", where, atol=1e-3)
+        fisher = extra["fisher"]
+        if fisher is not None:
+            if not isinstance(fisher, dict):
+                raise CheckpointStateError(where, "fisher", f"expected a dict of tensors, but got {type(fisher).__name__}.")
+            for name in fisher:
+                omega = as_tensor_any(fisher, name, f"{where}['fisher']")
+                if param_names and name not in param_names:
+                    raise CheckpointStateError(f"{where}['fisher']", name, "expected a Fisher entry per adapted "
+                                               f"parameter, but this parameter is not among {sorted(param_names)[:5]}...")
+                if bool((omega < 0).any()):
+                    raise CheckpointStateError(f"{where}['fisher']", name, "expected non-negative Fisher values, but "
+                                               f"the minimum is {omega.min().item()}.")
+            fisher = dict(fisher)
+        n = as_int(extra, "fisher_num_samples", where, minimum=0)
+        e0 = as_float(extra, "e_margin", where, minimum=0.0, optional=True)
+        if e0 is not None and e0 <= 0:
+            raise CheckpointStateError(where, "e_margin", f"expected a positive entropy margin, but got {e0}.")
+        return {"moving_average": m, "fisher": fisher, "fisher_num_samples": n, "e_margin": e0}
+
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.moving_average = state.get("moving_average")
         fisher = state.get("fisher")
         self.fisher = None if fisher is None else dict(fisher)
+        self._fisher_cache = None
         self.fisher_num_samples = state.get("fisher_num_samples", 0)
         self._e0 = state.get("e_margin", self.e_margin)

@@ -36,8 +36,10 @@ def load_adult(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Adult file {path} not found. Point `root` at a folder with the UCI files adult.data and adult.test "
-            "(https://archive.ics.uci.edu/dataset/2/adult)."
+            f"Expected the UCI Adult file {path.name} at {str(path)!r}, but it does not exist. Expected layout: "
+            "`{root}/adult.data` and `{root}/adult.test` (the UCI files as distributed, no header, ', '-separated; "
+            "https://archive.ics.uci.edu/dataset/2/adult). Pass `root=` pointing at your copy (default "
+            "'../shared/datasets/adult', relative to the working directory)."
         )
     rows = []
     with path.open() as f:

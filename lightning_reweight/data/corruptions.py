@@ -335,7 +335,8 @@ class CIFAR10CDataModule(pl.LightningDataModule):
       ``corrupt(..., seed)``. Corrupted arrays are cached under ``cache_dir``.
 
     Args:
-        root: folder holding ``cifar10/`` (default ``../shared/datasets``, relative to the working directory).
+        root: folder holding CIFAR-10 as this project's ``cifar10/cifar10_{train,test}_jpg.zip`` or as torchvision's
+            ``cifar-10-batches-py/`` (default ``../shared/datasets``, relative to the working directory).
         corruptions: names from ``CORRUPTIONS`` (default: the 13 implemented ones).
         severities: severities 1..5 (default ``[5]``).
         num_test_images: images per stream (``None``: all 10,000).
@@ -347,6 +348,7 @@ class CIFAR10CDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         cache_dir: where decoded and corrupted arrays are cached (``None``: no cache).
         normalize: normalise with the CIFAR-10 channel mean/std.
+        download: fetch torchvision's CIFAR-10 into ``root`` if it holds neither layout (needs the network).
 
     Example::
 
@@ -360,7 +362,8 @@ class CIFAR10CDataModule(pl.LightningDataModule):
     def __init__(self, root: str = "../shared/datasets", corruptions: list[str] | None = None,
                  severities: list[int] | None = None, num_test_images: int | None = None, include_clean: bool = False,
                  batch_size: int = 200, train_batch_size: int = 128, val_size: int = 5000, seed: int = 0,
-                 num_workers: int = 0, cache_dir: str | None = ".cache/lightning_reweight", normalize: bool = True):
+                 num_workers: int = 0, cache_dir: str | None = ".cache/lightning_reweight", normalize: bool = True,
+                 download: bool = False):
         super().__init__()
         corruptions = list(CORRUPTIONS) if corruptions is None else list(corruptions)
         severities = [5] if severities is None else list(severities)
@@ -395,7 +398,7 @@ class CIFAR10CDataModule(pl.LightningDataModule):
     def test_stream(self) -> tuple[np.ndarray, np.ndarray]:
         """The clean test stream: seeded permutation of the 10,000 test images, cut to ``num_test_images``."""
         hp = self.hparams
-        images, labels, _ = load_cifar10(hp.root, "test", hp.cache_dir)
+        images, labels, _ = load_cifar10(hp.root, "test", hp.cache_dir, download=hp.download)
         order = np.random.default_rng([hp.seed, 7]).permutation(len(labels))[: hp.num_test_images]
         return images[order], labels[order]
 
@@ -421,7 +424,7 @@ class CIFAR10CDataModule(pl.LightningDataModule):
         if self._train_set is not None:
             return
         hp = self.hparams
-        images, labels, _ = load_cifar10(hp.root, "train", hp.cache_dir)
+        images, labels, _ = load_cifar10(hp.root, "train", hp.cache_dir, download=hp.download)
         perm = np.random.default_rng([hp.seed, 3]).permutation(len(labels))
         val_idx, train_idx = np.sort(perm[: hp.val_size]), np.sort(perm[hp.val_size:])
         self._train_set = IndexedDataset(CorruptedImages(images[train_idx], labels[train_idx], augment=True,

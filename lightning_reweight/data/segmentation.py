@@ -82,7 +82,8 @@ def load_isbi2012(root: str | Path = "../shared/datasets") -> tuple[Tensor, Tens
     uint8 with 1 = membrane (label value 0 in the files), 0 = cell interior."""
     base = Path(root) / "isbi2012_em_membrane" / "train"
     if not (base / "image").is_dir():
-        raise _missing(Path(root), "'isbi2012_em_membrane/train/image'")
+        raise _missing(Path(root), "'isbi2012_em_membrane/train/image/{0..29}.png' and "
+                       "'isbi2012_em_membrane/train/label/{0..29}.png' (512x512 grayscale; label 0 = membrane)")
     images = np.stack([np.asarray(Image.open(base / "image" / f"{i}.png").convert("L")) for i in range(30)])
     labels = np.stack([np.asarray(Image.open(base / "label" / f"{i}.png").convert("L")) for i in range(30)])
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy((labels < 128).astype(np.uint8))
@@ -95,7 +96,9 @@ def load_ph2(root: str | Path = "../shared/datasets") -> tuple[Tensor, Tensor, T
     base = Path(root) / "ph2_dermoscopy"
     meta = base / "ph2_metadata.csv"
     if not meta.is_file():
-        raise _missing(Path(root), "'ph2_dermoscopy/ph2_metadata.csv'")
+        raise _missing(Path(root), "'ph2_dermoscopy/ph2_metadata.csv' (image_id, clinical_diagnosis), "
+                       "'ph2_dermoscopy/images_256x192/<image_id>.png' and "
+                       "'ph2_dermoscopy/lesion_masks_256x192/<image_id>_lesion.png'")
     with meta.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     unknown = sorted({r["clinical_diagnosis"] for r in rows} - set(PH2_GROUPS))

@@ -66,8 +66,8 @@ def test_tent_matches_reference_predictions_and_params():
     preds = predict(model, cb, x, y)
     for got, want in zip(preds, ref["preds"]):
         torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
-    for name, p in cb.adapted_parameters.items():
-        torch.testing.assert_close(p.detach(), ref["params"][name])
+    for name, p in cb.adapted_state.items():
+        torch.testing.assert_close(p, ref["params"][name])
     assert cb.counters["backward_passes"] == 4 and cb.counters["backward_samples"] == 32
     # the first prediction is the unadapted TTA-mode output: predictions are pre-update
     torch.testing.assert_close(preds[0], src0)
@@ -85,8 +85,8 @@ def test_eata_matches_reference_filters_weights_fisher_and_m(alpha):
     preds = predict(model, cb, x, y)
     for got, want in zip(preds, ref["preds"]):
         torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
-    for name, p in cb.adapted_parameters.items():
-        torch.testing.assert_close(p.detach(), ref["params"][name], rtol=1e-5, atol=1e-6)
+    for name, p in cb.adapted_state.items():
+        torch.testing.assert_close(p, ref["params"][name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cb.moving_average, ref["m"])
     assert cb.counters["backward_passes"] == ref["backward_passes"]
     assert cb.counters["backward_samples"] == ref["selected"]
@@ -111,7 +111,8 @@ def test_eata_without_selected_samples_does_not_step():
 
 
 # --------------------------------------------------------------------------- scope: what changes, what is restored
-@pytest.mark.parametrize("make_cb", [lambda: Tent(lr=0.05), lambda: EATA(e_margin=10.0, fisher_alpha=0.0, lr=0.05)])
+@pytest.mark.parametrize("make_cb", [lambda: Tent(lr=0.05, keep_adapted=True),
+                                     lambda: EATA(e_margin=10.0, fisher_alpha=0.0, lr=0.05, keep_adapted=True)])
 def test_only_batchnorm_affine_parameters_change_and_modes_are_restored(make_cb):
     model = make_model()
     model.train()
@@ -158,7 +159,7 @@ def test_batch_size_one_errors_or_skips_with_source_statistics():
     with pytest.raises(ValueError, match="min_batch_size=2.*small_batch='skip'"):
         predict(model, Tent(), x, y)
     model = make_model()
-    cb = Tent(small_batch="skip", reset="continual")
+    cb = Tent(small_batch="skip", reset="continual", keep_adapted=True)
     preds = predict(model, cb, x, y)
     assert cb.counters["skipped_batches"] == 1 and cb.counters["backward_passes"] == 1
     # the single sample is predicted with the running statistics and the current (adapted) γ/β
@@ -324,3 +325,201 @@ def test_logs_filter_shares_backwards_weights_and_entropy_histograms(tmp_path):
     assert acc.Scalars("eata/backward_samples")[-1].value == cb.counters["backward_samples"]
     assert math.isclose(acc.Scalars("eata/kept_reliable")[0].value,
                         float((softmax_entropy(source_tta_logits(model, x[:8])) < cb._e0).float().mean()), rel_tol=1e-6)
+
+
+# --------------------------------------------------------------------------- the model is left as found
+@pytest.mark.parametrize("method", ["tent", "eata"])
+def test_run_restores_the_source_parameters_and_keeps_the_adapted_ones(method):
+    model = make_model()
+    x, y = make_data(32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = Tent(lr=0.05) if method == "tent" else EATA(e_margin=10.0, d_margin=None, fisher_alpha=0.0, lr=0.05)
+    trainer([cb]).test(model, loader(x, y), verbose=False)
+    # the module is exactly the source model again (γ/β, running statistics, modes)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(m.training for m in model.modules())  # as found (LightningModule in train mode)
+    # ... while the adaptation did happen and is kept in the callback
+    assert cb.backward_passes == 4 and cb.backward_samples == 32
+    adapted = cb.adapted_state
+    assert any(not torch.equal(adapted[k], cb.source_state[k]) for k in adapted)
+    assert set(adapted) == set(cb.source_state) == set(cb.adapted_parameters)
+    # a source-model evaluation after the run equals one of an untouched copy
+    model.eval()
+    fresh = make_model().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)
+
+
+def test_continual_adaptation_carries_over_runs_although_the_module_is_restored():
+    model = make_model()
+    x, y = make_data(32)
+    one = predict(copy.deepcopy(model), Tent(lr=0.05, reset="continual"), x, y)
+    cb, m = Tent(lr=0.05, reset="continual"), copy.deepcopy(model)
+    first = predict(m, cb, x[:16], y[:16])
+    assert all(torch.equal(p, model.state_dict()[k]) for k, p in m.state_dict().items())  # restored in between
+    second = predict(m, cb, x[16:], y[16:])
+    for got, want in zip(first + second, one):
+        torch.testing.assert_close(got, want)
+
+
+def test_keep_adapted_leaves_them_in_the_module_with_a_warning():
+    model = make_model()
+    x, y = make_data(16)
+    cb = Tent(lr=0.05, keep_adapted=True)
+    with pytest.warns(UserWarning, match="source running statistics"):
+        trainer([cb]).test(model, loader(x, y), verbose=False)
+    for k, v in cb.adapted_state.items():
+        torch.testing.assert_close(model.get_parameter(k), v, rtol=0, atol=0)
+        assert not torch.equal(v, cb.source_state[k]) or k.endswith("bias")
+
+
+def test_inference_mode_error_names_the_stage_not_the_enum():
+    model = make_model()
+    x, y = make_data(16)
+    with pytest.raises(RuntimeError) as err:
+        trainer([Tent()], inference_mode=True).test(model, loader(x, y))
+    assert "trainer.test()" in str(err.value) and "TrainerFn" not in str(err.value)
+
+
+def test_entropy_margin_accessor_resolves_from_the_number_of_classes():
+    model = make_model()
+    x, y = make_data(16)
+    cb = EATA(fisher_alpha=0.0)
+    assert cb.entropy_margin is None
+    predict(model, cb, x, y)
+    assert cb.entropy_margin == pytest.approx(0.4 * math.log(4))
+    assert EATA(e_margin=0.7, fisher_alpha=0.0).entropy_margin == 0.7
+
+
+# --------------------------------------------------------------------------- EATA: passes vs samples, Fisher scale
+def test_eata_counts_backward_passes_and_samples_separately_and_skips_empty_steps():
+    model = make_model()
+    x, y = make_data(48)
+    e0 = threshold(model, x)
+    cb = EATA(e_margin=e0, d_margin=None, fisher_alpha=0.0, lr=1e-2)
+    result = trainer([cb]).test(model, loader(x, y), verbose=False)
+    c = cb.counters
+    assert c["backward_passes"] + c["steps_without_backward"] == c["batches"] == 6
+    assert 0 < c["backward_samples"] == c["selected"] < c["samples"] == 48
+    assert c["backward_passes"] < c["backward_samples"]
+    assert result[0]["eata/backward_passes_run"] == c["backward_passes"]
+    # a threshold nothing passes: every step is counted as one without a backward pass
+    cb = EATA(e_margin=1e-9, fisher_alpha=0.0)
+    trainer([cb]).test(make_model(), loader(x, y), verbose=False)
+    assert cb.backward_passes == 0 and cb.counters["steps_without_backward"] == 6 and cb.backward_samples == 0
+
+
+def test_normalised_fisher_has_mean_one_and_a_stronger_pull_to_the_source():
+    model = make_model()
+    x, y = make_data(48)
+    fx, fy, _ = fisher_batches()
+    drift = {}
+    for normalize in (False, True):
+        cb = EATA(e_margin=10.0, d_margin=None, fisher_alpha=5.0, fisher_normalize=normalize,
+                  fisher_dataloader=loader(fx, fy), lr=0.05)
+        predict(copy.deepcopy(model), cb, x, y)
+        omega = cb.fisher_weights
+        if normalize:
+            flat = torch.cat([v.reshape(-1) for v in omega.values()])
+            assert float(flat.mean()) == pytest.approx(1.0, rel=1e-5)
+            for k in omega:  # a rescaling of the raw estimate, nothing else
+                torch.testing.assert_close(omega[k] / omega[next(iter(omega))].mean(),
+                                           cb.fisher[k] / cb.fisher[next(iter(omega))].mean())
+        else:
+            assert omega is cb.fisher
+        drift[normalize] = sum(float(((cb.adapted_state[k] - cb.source_state[k]) ** 2).sum()) for k in omega)
+    assert drift[True] < drift[False]
+
+
+# --------------------------------------------------------------------------- checkpoint state validated at load
+def _eata_state():
+    model = make_model()
+    x, y = make_data(32)
+    fx, fy, _ = fisher_batches()
+    cb = EATA(e_margin=threshold(model, x), fisher_alpha=1.0, fisher_dataloader=loader(fx, fy), lr=1e-2,
+              reset="continual")
+    predict(model, cb, x, y)
+    assert cb.moving_average is not None and cb.fisher
+    return model, cb.state_dict()
+
+
+def _corrupt(state, path, value):
+    state = copy.deepcopy(state)
+    *parents, last = path
+    target = state
+    for key in parents:
+        target = target[key]
+    if value is _DELETE:
+        del target[last]
+    else:
+        target[last] = value(target[last]) if callable(value) else value
+    return state
+
+
+_DELETE = object()
+_FIRST = "net.1.weight"
+
+
+@pytest.mark.parametrize("path, value, key", [
+    (("extra", "fisher", _FIRST), lambda v: -v - 1, _FIRST),                            # negative Fisher
+    (("extra", "fisher", _FIRST), lambda v: v * float("nan"), _FIRST),                  # NaN Fisher
+    (("extra", "fisher", "other.weight"), torch.ones(3), "other.weight"),               # Fisher of no parameter
+    (("extra", "moving_average"), lambda m: m * 2, "moving_average"),                   # m not a distribution
+    (("extra", "moving_average"), lambda m: m * float("nan"), "moving_average"),
+    (("extra", "fisher"), _DELETE, "fisher"),                                           # missing key
+    (("source", _FIRST), lambda v: v * float("inf"), f"source.{_FIRST}"),               # non-finite source
+    (("adapted", _FIRST), lambda v: torch.ones(v.numel() + 1), f"adapted.{_FIRST}"),    # shape differs from source
+    (("adapted",), lambda a: {k: v for k, v in a.items() if k != _FIRST}, "adapted"),   # keys differ from source
+    (("counters", "backward_passes"), -3, "backward_passes"),                           # negative counter
+    (("counters", "samples"), _DELETE, "samples"),                                      # missing counter
+    (("counters", "selected"), 1.5, "selected"),                                        # not an int
+    (("last_shift",), (1, "x"), "last_shift"),
+    (("source",), _DELETE, "source"),                                                   # missing top-level key
+])
+def test_eata_state_is_validated_before_anything_is_assigned(path, value, key):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    _, state = _eata_state()
+    bad = _corrupt(state, path, value)
+    cb = EATA(fisher_alpha=1.0, reset="continual")
+    before = (dict(cb.counters), cb.moving_average, cb.fisher, cb.state_dict())
+    with pytest.raises(CheckpointStateError) as err:
+        cb.load_state_dict(bad)
+    assert err.value.key == key and repr(key) in str(err.value) and "callbacks[" in str(err.value)
+    assert (dict(cb.counters), cb.moving_average, cb.fisher) == before[:3]  # nothing half restored
+    assert cb.state_dict() == before[3]
+    cb.load_state_dict(state)  # the intact state still loads
+    assert cb.counters == state["counters"]
+
+
+def test_tta_source_parameters_must_match_the_module():
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    _, state = _eata_state()
+    x, y = make_data(16)
+    # a module with different BatchNorm names: refused when the run starts, naming the key; the module is untouched
+    other = TinyNet()
+    other.net = nn.Sequential(nn.Identity(), *list(other.net))  # every index shifts by one
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    cb = EATA(fisher_alpha=1.0, reset="continual")
+    cb.load_state_dict(state)
+    with pytest.raises(CheckpointStateError, match="Load it into the same architecture") as err:
+        predict(other, cb, x, y)
+    assert err.value.key in ("source", "adapted")
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, before[k])
+    # same names, other widths: the shape is named
+    wide = _corrupt(state, ("source", _FIRST), lambda v: torch.ones(v.numel() * 2))
+    wide = _corrupt(wide, ("adapted", _FIRST), lambda v: torch.ones(v.numel() * 2))
+    cb = EATA(fisher_alpha=1.0, reset="continual")
+    cb.load_state_dict(wide)
+    with pytest.raises(CheckpointStateError, match="expected shape") as err:
+        predict(make_model(), cb, x, y)
+    assert err.value.key == f"source.{_FIRST}"
+    # a callback already attached to the module checks at once
+    model = make_model()
+    attached = EATA(fisher_alpha=0.0, reset="continual")
+    predict(model, attached, x, y)
+    with pytest.raises(CheckpointStateError):
+        attached.load_state_dict(wide)

@@ -111,3 +111,11 @@ def test_adult_recipes_run(adult_root, tmp_path, recipe, monkeypatch):
     build_cli(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), f"--data.init_args.root={adult_root}",
           "--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
           f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_any_root_with_an_error_naming_the_expected_layout(tmp_path):
+    dm = AdultDataModule(root=str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    assert "{root}/adult.data" in msg and "{root}/adult.test" in msg and str(tmp_path / "elsewhere") in msg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import io
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,71 @@ def test_datamodule_streams_loaders_and_cache(tmp_path):
     assert sum(len(b[1]) for b in dm.val_dataloader()) == 10
     with pytest.raises(FileNotFoundError, match="Pass `root=`"):
         load_cifar10(tmp_path / "missing", "test", None)
+
+
+def _torchvision_root(tmp_path, per_batch=4):
+    """A tiny copy in torchvision's CIFAR-10 format: pickled dicts with CHW-flattened uint8 rows."""
+    import pickle
+
+    folder = tmp_path / "tv" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with (folder / "batches.meta").open("wb") as fh:
+        pickle.dump({"label_names": names, "num_vis": 3072}, fh)
+    expected = {}
+    for split, batches in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        hwc, labels = [], []
+        for name in batches:
+            img = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+            lab = rng.integers(0, 10, per_batch).tolist()
+            with (folder / name).open("wb") as fh:  # torchvision stores bytes keys in the original files
+                pickle.dump({b"data": img.transpose(0, 3, 1, 2).reshape(per_batch, -1), b"labels": lab,
+                             b"batch_label": name.encode()}, fh)
+            hwc.append(img)
+            labels += lab
+        expected[split] = (np.concatenate(hwc), np.array(labels))
+    return folder.parent, expected
+
+
+def test_load_cifar10_reads_torchvisions_pickle_folder(tmp_path):
+    root, expected = _torchvision_root(tmp_path)
+    for given in (root, root / "cifar-10-batches-py"):  # the parent folder or the folder itself
+        for split in ("train", "test"):
+            images_, labels, classes = load_cifar10(given, split, None)
+            np.testing.assert_array_equal(images_, expected[split][0])  # HWC, pixel for pixel
+            np.testing.assert_array_equal(labels, expected[split][1])
+            assert classes[0] == "airplane" and len(classes) == 10 and labels.dtype == np.int64
+    # through the DataModule, with a cache that does not collide with the JPEG-zip cache name
+    cache = tmp_path / "cache"
+    dm = CIFAR10CDataModule(root=str(root), corruptions=["contrast"], num_test_images=4, batch_size=2,
+                            train_batch_size=2, val_size=4, cache_dir=str(cache))
+    dm.setup("test")
+    x, y = next(iter(dm.test_dataloader()[0]))
+    assert x.shape == (2, 3, 32, 32)
+    dm.setup("fit")
+    assert len(dm._train_set) == 16
+    assert (cache / "cifar10_test_pickle.npz").exists() and not (cache / "cifar10_test.npz").exists()
+
+
+def test_load_cifar10_errors_name_the_layouts_and_download_is_offered(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as err:
+        load_cifar10(tmp_path / "nowhere", "test", None)
+    msg = str(err.value)
+    assert "cifar10_{train,test}_jpg.zip" in msg and "cifar-10-batches-py" in msg and "download=True" in msg
+    # download=True hands over to torchvision (faked here: it writes the tiny copy where torchvision would)
+    calls = []
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            src, _ = _torchvision_root(tmp_path / "src")
+            import shutil
+
+            shutil.copytree(src / "cifar-10-batches-py", Path(root) / "cifar-10-batches-py")
+
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    images_, labels, _ = load_cifar10(tmp_path / "dl", "test", None, download=True)
+    assert calls == [(str(tmp_path / "dl"), False, True)] and images_.shape == (4, 32, 32, 3)

@@ -114,3 +114,15 @@ def test_drop_mode_blanks_training_masks_only():
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         Synthetic(**kw)
+
+
+@pytest.mark.parametrize("module", ["ISBI2012DataModule", "PH2DataModule"])
+def test_any_root_with_an_error_naming_the_expected_layout(module, tmp_path):
+    import lightning_reweight.data.segmentation as seg
+
+    dm = getattr(seg, module)(root=str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    assert str(tmp_path / "elsewhere") in msg and "Pass `root=`" in msg
+    assert ("train/label/{0..29}.png" in msg) if module == "ISBI2012DataModule" else ("lesion_masks_256x192" in msg)
