@@ -39,6 +39,7 @@ from lightning_reweight.rules.registry import (
     UniformRule,
     create_rule,
     register_rule,
+    rule_arguments,
 )
 from lightning_reweight.rules.tta import eata_select, entropy_margin, fisher_penalty, softmax_entropy
 
@@ -66,6 +67,7 @@ __all__ = [
     "KLDRORule",
     "create_rule",
     "register_rule",
+    "rule_arguments",
     "clip_weights",
     "effective_sample_size",
     "extremes_score",
