@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -202,6 +203,12 @@ class LossReweighting(WeightingCallback):
 
     def extra_state(self) -> dict[str, Any]:
         return {"rule": self.rule.state_dict(), "ess_collapsed_steps": self.ess_collapsed_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # validate the rule state on a copy first, so a bad entry leaves the table and the rule untouched
+        extra = state_dict.get("extra", {}) if isinstance(state_dict, dict) else {}
+        copy.deepcopy(self).load_extra_state(extra)
+        super().load_state_dict(state_dict)
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         where = f"LossReweighting[{self.state_key}]['extra']"
