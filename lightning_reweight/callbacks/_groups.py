@@ -42,6 +42,7 @@ class GroupCallback(WeightingCallback):
         self.num_groups = num_groups
         self.ignore_index = ignore_index
         self._train_groups: Tensor | None = None
+        self._prepared: tuple[GlobalBatch, Tensor, Tensor] | None = None
 
     # ---------------------------------------------------------------- groups
     def resolve_num_groups(self, trainer: pl.Trainer | None) -> int:
@@ -87,7 +88,26 @@ class GroupCallback(WeightingCallback):
                 "`group` to each batch)."
             )
         self.setup_groups(trainer)
-        check_groups(batch.group, self.num_groups, self.ignore_index, name="group")
+        self._prepared = (batch, *self._bucket_and_count(batch.group))
+
+    def _bucket_and_count(self, group: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate the batch's ids once and return ``(bucket ids, counts)``: ids with every ``ignore_index``
+        sample in the extra bucket ``num_groups``, and the ``num_groups + 1`` bucket counts."""
+        assert self.num_groups is not None
+        num_groups = self.num_groups
+        if group.dtype == torch.int64 and group.ndim == 1 and group.numel():
+            lo, hi = (int(v) for v in group.aminmax())
+            if lo >= 0 and hi < num_groups:  # fast path: every id valid, none ignored
+                return group, torch.bincount(group, minlength=num_groups + 1)
+        group = check_groups(group, num_groups, self.ignore_index, name="group")
+        idx = group if self.ignore_index is None else torch.where(group == self.ignore_index, num_groups, group)
+        return idx, torch.bincount(idx, minlength=num_groups + 1)
+
+    def prepared(self, batch: GlobalBatch) -> tuple[Tensor, Tensor]:
+        """``(bucket ids, bucket counts)`` of ``batch`` from ``validate_batch`` (recomputed if missing)."""
+        if self._prepared is not None and self._prepared[0] is batch:
+            return self._prepared[1], self._prepared[2]
+        return self._bucket_and_count(batch.group)
 
     # ---------------------------------------------------------------- logging
     def log_extras(self) -> dict[str, float]:

@@ -138,13 +138,11 @@ class AdaWAC(WeightingCallback):
         # pure: the new β rows are committed in ``on_weights_computed`` once every callback's weights were accepted
         table = self.table
         loss_sup, loss_cons = batch.losses, batch.extras[self.consistency_key].float()
-        rows, new_sup, new_cons = adawac_update(table["beta_sup"], table["beta_cons"], batch.index, loss_sup,
-                                                loss_cons, self.eta)
+        rows, new_sup, new_cons, inverse = adawac_update(table["beta_sup"], table["beta_cons"], batch.index,
+                                                         loss_sup, loss_cons, self.eta, return_inverse=True)
         self._pending = (batch, rows, new_sup, new_cons)
-        self._parts = (loss_sup.clone(), loss_cons.clone())
-        # the batch's β after the step: position of each local sample among the distinct rows
-        local = batch.index[batch.local]
-        pos = torch.searchsorted(rows, local)
+        self._parts = (loss_sup, loss_cons)  # detached global copies already; nothing mutates them
+        pos = inverse[batch.local]  # the batch's β after the step, in batch order
         b_sup = new_sup[pos].to(losses.device, losses.dtype)
         b_cons = new_cons[pos].to(losses.device, losses.dtype)
         return b_sup * losses + b_cons * cons_local.to(losses.dtype)

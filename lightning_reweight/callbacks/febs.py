@@ -17,9 +17,8 @@ from lightning_reweight.callbacks._groups import GroupCallback
 from lightning_reweight.callbacks.base import GlobalBatch
 from lightning_reweight.losses import FEBSDiceLoss
 from lightning_reweight.rules.fairness import (
+    bucket_means,
     febs_group_scales,
-    febs_loss_multipliers,
-    group_means,
     update_group_errors,
 )
 from lightning_reweight.state.validate import CheckpointStateError, as_int, as_tensor, require_keys
@@ -112,16 +111,20 @@ class FairErrorBoundScaling(GroupCallback):
         # pure: the running errors are committed in ``on_weights_computed`` once every callback's weights
         # were accepted
         assert self.errors is not None and self.seen is not None and self.num_groups is not None
-        group = batch.group  # validated int64
-        batch_error, counts = group_means(batch.losses.double(), group, self.num_groups, self.ignore_index)
-        present = counts > 0
-        if not bool(present.any()):  # every sample has ignore_index: a no-op (multipliers 1, no state change)
+        idx, bucket_counts = self.prepared(batch)
+        counts = bucket_counts[: self.num_groups]
+        if int(bucket_counts[-1]) == len(batch):  # every sample has ignore_index: a no-op (multipliers 1)
             self._pending = None
             return torch.ones(len(batch), dtype=torch.float32)
+        present = counts > 0
+        batch_error = bucket_means(batch.losses, idx, bucket_counts, self.num_groups)
         errors, seen = update_group_errors(self.errors, self.seen, batch_error, present, self.momentum)
         scales = febs_group_scales(errors, present, self.gamma)
         self._pending = (batch, errors, seen, scales, present)
-        return febs_loss_multipliers(scales, group, self.ignore_index, self.min_scale, counts=counts)
+        # multipliers ∝ 1/w_g, mean 1 over the grouped samples; ignore_index samples (extra bucket) keep 1
+        inv = 1.0 / scales.clamp_min(self.min_scale)
+        inv = inv * (float(counts.sum()) / float((inv * counts).sum()))
+        return torch.cat([inv, inv.new_ones(1)])[idx].float()
 
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:

@@ -14,10 +14,9 @@ from torch import Tensor
 from lightning_reweight.callbacks._groups import GroupCallback
 from lightning_reweight.callbacks.base import GlobalBatch
 from lightning_reweight.rules.fairness import (
+    bucket_means,
     dro_adjustment,
-    group_dro_sample_weights,
     group_dro_update,
-    group_means,
 )
 from lightning_reweight.state.validate import CheckpointStateError, as_distribution, as_int, require_keys
 
@@ -121,7 +120,8 @@ class GroupDRO(GroupCallback):
 
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         super().validate_batch(batch, trainer)
-        if self.ignore_index is not None and bool((batch.group == self.ignore_index).all()):
+        _, counts = self.prepared(batch)
+        if int(counts[-1]) == len(batch):
             raise ValueError(
                 f"Expected at least one sample with a known group, but every sample of this batch has group "
                 f"ignore_index={self.ignore_index}: GroupDRO gives such samples weight 0, so the whole batch would "
@@ -132,11 +132,13 @@ class GroupDRO(GroupCallback):
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         # pure: the new q is committed in ``on_weights_computed`` once every callback's weights were accepted
         assert self.q is not None and self.num_groups is not None and batch.group is not None
-        group = batch.group
-        group_loss, counts = group_means(batch.losses.double(), group, self.num_groups, self.ignore_index)
+        idx, bucket_counts = self.prepared(batch)
+        counts = bucket_counts[: self.num_groups]
+        group_loss = bucket_means(batch.losses, idx, bucket_counts, self.num_groups)
         q = group_dro_update(self.q, group_loss, self.step_size, self._adj)  # update, then the loss
         self._pending = (batch, q, group_loss, counts)
-        return group_dro_sample_weights(q, group, self.num_groups, self.ignore_index, counts=counts)
+        per_group = q * len(batch) / counts.clamp_min(1)
+        return torch.cat([per_group, per_group.new_zeros(1)])[idx].float()  # ignore_index samples: 0
 
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:

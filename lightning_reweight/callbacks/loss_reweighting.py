@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, Literal
 
@@ -152,6 +153,7 @@ class LossReweighting(WeightingCallback):
         self.max_weight = max_weight
         self.min_ess_frac = float(min_ess_frac)
         self.normalized = self.rule.normalized
+        self._skip_validation = "validate" in inspect.signature(self.rule.propose).parameters
         self.ess_collapsed_steps = 0
         self._pending: tuple[GlobalBatch, Any, bool] | None = None
         self._collapsed = False
@@ -164,16 +166,24 @@ class LossReweighting(WeightingCallback):
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         # pure: the rule's state change (e.g. the EMA normaliser, which advances during warm-up too) is
         # committed in ``on_weights_computed``, after every callback's weights were accepted
-        weights, pending = self.rule.propose(batch.losses)
+        weights, pending = self._propose(batch.losses)
         if batch.global_step < self.warmup_steps:
             self._pending = (batch, pending, False)
             return torch.ones_like(weights)
         weights = clip_weights(weights, self.max_weight, renormalize=self.rule.normalized)
-        ess = float(effective_sample_size(weights, unit_mass=not self.rule.normalized))
-        collapsed = self.min_ess_frac > 0 and ess < self.min_ess_frac * len(batch)
+        ess, collapsed = None, False
+        if self.min_ess_frac > 0:
+            ess = float(effective_sample_size(weights, unit_mass=not self.rule.normalized))
+            collapsed = ess < self.min_ess_frac * len(batch)
         self._pending = (batch, pending, collapsed)
         self.last_ess = ess
         return weights
+
+    def _propose(self, losses: Tensor) -> tuple[Tensor, Any]:
+        # ``reduce_loss`` validated the losses already (1-D, finite): skip the rule's second check when it can
+        if self._skip_validation:
+            return self.rule.propose(losses, validate=False)
+        return self.rule.propose(losses)
 
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:

@@ -76,7 +76,7 @@ def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> T
     losses' dtype (the result lies in ``[−δ, δ]``).
     """
     x = losses.double()
-    lo, hi = x.min(), x.max()
+    lo, hi = x.aminmax()
     return (delta * (2 * x - hi - lo) / torch.clamp(hi - lo, min=eps)).to(losses.dtype)
 
 
@@ -171,7 +171,8 @@ def effective_sample_size(weights: Tensor, unit_mass: bool = False) -> Tensor:
     so uniformly tiny weights (every sample counts ~0) show up as a collapse too.
     """
     w = weights.detach().double()
-    ess = w.sum().square() / w.square().sum().clamp_min(1e-300)
+    total = w.sum()
+    ess = total.square() / w.dot(w).clamp_min(1e-300)
     if unit_mass:
-        ess = torch.minimum(ess, w.sum())
+        ess = torch.minimum(ess, total)
     return ess.float()

@@ -51,9 +51,13 @@ class Rule:
         self.commit(pending)
         return weights
 
-    def propose(self, losses: Tensor) -> tuple[Tensor, Any]:
-        """Weights for ``losses`` and the state change they imply (``None``: none); changes nothing."""
-        return self.weights(check_losses(losses)), None
+    def propose(self, losses: Tensor, validate: bool = True) -> tuple[Tensor, Any]:
+        """Weights for ``losses`` and the state change they imply (``None``: none); changes nothing.
+
+        ``validate=False`` skips the loss checks (1-D, floating, finite) for callers that already made them
+        (``reduce_loss`` does, once per step).
+        """
+        return self.weights(check_losses(losses) if validate else losses), None
 
     def commit(self, pending: Any) -> None:
         """Apply the state change ``propose`` returned."""
@@ -157,8 +161,9 @@ class KLDRORule(Rule):
         """``log Z`` of the running normaliser (``None`` before the first step or with ``"batch"``)."""
         return self._log_z
 
-    def propose(self, losses: Tensor) -> tuple[Tensor, Any]:
-        losses = check_losses(losses)
+    def propose(self, losses: Tensor, validate: bool = True) -> tuple[Tensor, Any]:
+        if validate:
+            losses = check_losses(losses)
         if self.normalizer == "batch":
             return kl_dro_weights(losses, self.r, self.direction), None
         z = _tilt(losses, self.r, self.direction)
