@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
@@ -43,6 +45,7 @@ class GroupCallback(WeightingCallback):
         self.ignore_index = ignore_index
         self._train_groups: Tensor | None = None
         self._prepared: tuple[GlobalBatch, Tensor, Tensor] | None = None
+        self._pending: Any = None
 
     # ---------------------------------------------------------------- groups
     def resolve_num_groups(self, trainer: pl.Trainer | None) -> int:
@@ -80,6 +83,7 @@ class GroupCallback(WeightingCallback):
         """Allocate the per-group state on first use."""
 
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        self._pending = None  # a proposal of an earlier, rejected step is never committed
         super().validate_batch(batch, trainer)
         if batch.group is None:
             raise ValueError(

@@ -110,6 +110,7 @@ class AdaWAC(WeightingCallback):
     # ------------------------------------------------------------------ the step
     @override
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        self._pending = None  # a proposal of an earlier, rejected step is never committed
         super().validate_batch(batch, trainer)
         cons = batch.extras.get(self.consistency_key)
         if cons is None:
@@ -151,7 +152,7 @@ class AdaWAC(WeightingCallback):
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        if pending is None or pending[0] is not batch:
+        if pending is None:  # (cleared in validate_batch: never a previous, rejected step's)
             return
         _, rows, new_sup, new_cons = pending
         table = self.table

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,7 +18,6 @@ from lightning_reweight.callbacks._groups import GroupCallback
 from lightning_reweight.callbacks.base import GlobalBatch
 from lightning_reweight.losses import FEBSDiceLoss
 from lightning_reweight.rules.fairness import (
-    bucket_means,
     febs_group_scales,
     update_group_errors,
 )
@@ -112,27 +112,31 @@ class FairErrorBoundScaling(GroupCallback):
         # were accepted
         assert self.errors is not None and self.seen is not None and self.num_groups is not None
         idx, bucket_counts = self.prepared(batch)
-        counts = bucket_counts[: self.num_groups]
         if int(bucket_counts[-1]) == len(batch):  # every sample has ignore_index: a no-op (multipliers 1)
             self._pending = None
             return torch.ones(len(batch), dtype=torch.float32)
+        # the per-group math runs on numpy views of a few numbers (torch's per-op overhead dominates there)
+        counts = bucket_counts.numpy()[: self.num_groups]
         present = counts > 0
-        batch_error = bucket_means(batch.losses, idx, bucket_counts, self.num_groups)
-        errors, seen = update_group_errors(self.errors, self.seen, batch_error, present, self.momentum)
+        sums = torch.bincount(idx, weights=batch.losses.double(), minlength=self.num_groups + 1).numpy()
+        batch_error = sums[: self.num_groups] / np.maximum(counts, 1)
+        errors, seen = update_group_errors(self.errors.numpy(), self.seen.numpy(), batch_error, present,
+                                           self.momentum)
         scales = febs_group_scales(errors, present, self.gamma)
         self._pending = (batch, errors, seen, scales, present)
         # multipliers ∝ 1/w_g, mean 1 over the grouped samples; ignore_index samples (extra bucket) keep 1
-        inv = 1.0 / scales.clamp_min(self.min_scale)
-        inv = inv * (float(counts.sum()) / float((inv * counts).sum()))
-        return torch.cat([inv, inv.new_ones(1)])[idx].float()
+        inv = 1.0 / np.maximum(scales, self.min_scale)
+        inv *= counts.sum() / (inv * counts).sum()
+        return torch.from_numpy(np.append(inv, 1.0).astype(np.float32))[idx]
 
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is batch:
-            _, self.errors, self.seen, scales, present = pending
+        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
+            _, errors, seen, scales, present = pending
+            self.errors, self.seen = torch.from_numpy(errors), torch.from_numpy(seen)
             self.steps += 1
-            self._last_scales = (scales, present)
+            self._last_scales = (torch.from_numpy(scales), torch.from_numpy(present))
         super().on_weights_computed(batch, weights, trainer, pl_module)
 
     def log_extras(self) -> dict[str, float]:
@@ -166,7 +170,7 @@ class FairErrorBoundScaling(GroupCallback):
             raise CheckpointStateError(where, "seen", f"expected a bool tensor, but got dtype {seen.dtype}.")
         if bool((errors[~seen] != 0).any()):
             raise CheckpointStateError(where, "errors", "expected 0 for every group not seen yet, but got others.")
-        return errors.detach().to(torch.float64).clone(), seen.detach().clone(), steps
+        return errors.detach().to("cpu", torch.float64).clone(), seen.detach().cpu().clone(), steps
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -14,7 +15,6 @@ from torch import Tensor
 from lightning_reweight.callbacks._groups import GroupCallback
 from lightning_reweight.callbacks.base import GlobalBatch
 from lightning_reweight.rules.fairness import (
-    bucket_means,
     dro_adjustment,
     group_dro_update,
 )
@@ -97,6 +97,7 @@ class GroupDRO(GroupCallback):
         self.q: Tensor | None = None
         self.steps = 0
         self._adj: Tensor | None = None
+        self._adj_np: np.ndarray | None = None
         self._last_group_loss: tuple[Tensor, Tensor] | None = None
         self._pending: tuple[GlobalBatch, Tensor, Tensor, Tensor] | None = None
 
@@ -117,6 +118,7 @@ class GroupDRO(GroupCallback):
             if counts is None and self.adjustment is not None:
                 counts = self.train_group_counts(trainer)
             self._adj = dro_adjustment(self.adjustment, counts, num_groups)
+            self._adj_np = self._adj.numpy() if bool((self._adj != 0).any()) else None
 
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         super().validate_batch(batch, trainer)
@@ -133,19 +135,21 @@ class GroupDRO(GroupCallback):
         # pure: the new q is committed in ``on_weights_computed`` once every callback's weights were accepted
         assert self.q is not None and self.num_groups is not None and batch.group is not None
         idx, bucket_counts = self.prepared(batch)
-        counts = bucket_counts[: self.num_groups]
-        group_loss = bucket_means(batch.losses, idx, bucket_counts, self.num_groups)
-        q = group_dro_update(self.q, group_loss, self.step_size, self._adj)  # update, then the loss
+        # the per-group math runs on numpy views of a few numbers (torch's per-op overhead dominates there)
+        counts = bucket_counts.numpy()[: self.num_groups]
+        sums = torch.bincount(idx, weights=batch.losses.double(), minlength=self.num_groups + 1).numpy()
+        group_loss = sums[: self.num_groups] / np.maximum(counts, 1)
+        q = group_dro_update(self.q.numpy(), group_loss, self.step_size, self._adj_np)  # update, then the loss
         self._pending = (batch, q, group_loss, counts)
-        per_group = q * len(batch) / counts.clamp_min(1)
-        return torch.cat([per_group, per_group.new_zeros(1)])[idx].float()  # ignore_index samples: 0
+        per_group = np.append(q * len(batch) / np.maximum(counts, 1), 0.0).astype(np.float32)
+        return torch.from_numpy(per_group)[idx]  # ignore_index samples (extra bucket): 0
 
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is batch:
-            self.q, self.steps = pending[1], self.steps + 1
-            self._last_group_loss = (pending[2], pending[3])
+        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
+            self.q, self.steps = torch.from_numpy(pending[1]), self.steps + 1
+            self._last_group_loss = (torch.from_numpy(pending[2]), torch.from_numpy(pending[3].copy()))
         super().on_weights_computed(batch, weights, trainer, pl_module)
 
     def log_extras(self) -> dict[str, float]:
@@ -172,7 +176,7 @@ class GroupDRO(GroupCallback):
         q = as_distribution(state, "q", where, length=self.num_groups)
         if q.numel() == 0:
             raise CheckpointStateError(where, "q", "expected at least one group, but got an empty tensor.")
-        return q.detach().to(torch.float64).clone(), steps
+        return q.detach().to("cpu", torch.float64).clone(), steps
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)

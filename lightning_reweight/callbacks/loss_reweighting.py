@@ -163,6 +163,10 @@ class LossReweighting(WeightingCallback):
     def state_key(self) -> str:
         return self._generate_state_key(rule=self.rule_name, name=self.name)
 
+    def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        self._pending = None  # a proposal of an earlier, rejected step is never committed
+        super().validate_batch(batch, trainer)
+
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         # pure: the rule's state change (e.g. the EMA normaliser, which advances during warm-up too) is
         # committed in ``on_weights_computed``, after every callback's weights were accepted
@@ -188,7 +192,7 @@ class LossReweighting(WeightingCallback):
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is batch:
+        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
             self.rule.commit(pending[1])
             collapsed = pending[2]
             if collapsed:
@@ -214,21 +218,23 @@ class LossReweighting(WeightingCallback):
     def extra_state(self) -> dict[str, Any]:
         return {"rule": self.rule.state_dict(), "ess_collapsed_steps": self.ess_collapsed_steps}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # validate the rule state on a copy first, so a bad entry leaves the table and the rule untouched
-        extra = state_dict.get("extra", {}) if isinstance(state_dict, dict) else {}
-        copy.deepcopy(self).load_extra_state(extra)
-        super().load_state_dict(state_dict)
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def _read_extra(self, state: Any) -> tuple[Rule, int]:
+        """Validate a checkpoint's extra state into a restored copy of the rule; assigns nothing."""
         where = f"LossReweighting[{self.state_key}]['extra']"
         if not isinstance(state, dict):
             raise CheckpointStateError(where, None, f"expected a dict, but got {type(state).__name__}.")
-        rule_state = state.get("rule", {})
         collapsed = as_int(state, "ess_collapsed_steps", where, minimum=0) if "ess_collapsed_steps" in state else 0
-        # the rule validates its entry before assigning anything; nothing here is assigned before that
+        rule = copy.deepcopy(self.rule)  # a rule is small (no per-sample state)
         try:
-            self.rule.load_state_dict(rule_state)
+            rule.load_state_dict(state.get("rule", {}))
         except CheckpointStateError as err:
             raise CheckpointStateError(f"{where}['rule']", err.key, str(err).split(": ", 1)[-1], fix="") from err
-        self.ess_collapsed_steps = collapsed
+        return rule, collapsed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # validate the extra state first, so a bad entry leaves the table and the rule untouched
+        self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)
+        super().load_state_dict(state_dict)
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.rule, self.ess_collapsed_steps = self._read_extra(state)

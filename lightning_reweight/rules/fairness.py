@@ -24,7 +24,9 @@ only where stated.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,6 +53,16 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------- groups
 # ``check_groups`` is the one group-id validator (``rules.balance``), re-exported here.
+
+
+def _xp(x: Any) -> Any:
+    """The array module of ``x``: the per-group kernels run on torch tensors or, on the CPU hot path of
+    the callbacks (a handful of groups, where torch's per-op overhead dominates), on numpy arrays."""
+    return np if isinstance(x, np.ndarray) else torch
+
+
+def _f64(x: Any) -> Any:
+    return x.astype(np.float64, copy=False) if isinstance(x, np.ndarray) else x.detach().to(torch.float64)
 
 
 def _bucket(group: Tensor, num_groups: int, ignore_index: int | None) -> Tensor:
@@ -103,11 +115,13 @@ def update_group_errors(
     """Running per-group errors: ``e_g ← (1 − m)·e_g + m·e_g^batch`` for groups present in the batch.
 
     A group's first observation sets its value; absent groups keep theirs. ``momentum = 1`` keeps only the
-    current batch (FairSeg's per-batch rule). Returns new ``(errors, seen)`` tensors.
+    current batch (FairSeg's per-batch rule). Returns new ``(errors, seen)`` (torch tensors or numpy arrays,
+    as given).
     """
-    batch_errors = batch_errors.to(errors.dtype)
-    blended = torch.where(seen, (1 - momentum) * errors + momentum * batch_errors, batch_errors)
-    return torch.where(present, blended, errors), seen | present
+    xp = _xp(errors)
+    batch_errors = batch_errors.astype(errors.dtype) if xp is np else batch_errors.to(errors.dtype)
+    blended = xp.where(seen, (1 - momentum) * errors + momentum * batch_errors, batch_errors)
+    return xp.where(present, blended, errors), seen | present
 
 
 # ------------------------------------------------------------------------------------------------ FEBS
@@ -115,15 +129,17 @@ def febs_group_scales(errors: Tensor, present: Tensor, gamma: float = 1.0, eps: 
     """FEBS scales ``w_g = tanh((min_{h present} L_h / L_g)^γ)`` for present groups, 1 for absent ones.
 
     The min runs over the groups present in the batch only (ours; see the module docstring). A group with
-    error 0 gets ratio 1 (it is the easiest). ``eps`` guards the division.
+    error 0 gets ratio 1 (it is the easiest). ``eps`` guards the division. Float64 torch tensor or numpy
+    array, as given.
     """
-    errors = errors.detach().double()
+    xp = _xp(errors)
+    errors = _f64(errors)
     if not bool(present.any()):
-        return torch.ones_like(errors)
+        return xp.ones_like(errors)
     lo = errors[present].min()
-    ratio = torch.where(errors > eps, lo / errors.clamp_min(eps), torch.ones_like(errors))
-    scales = torch.tanh(ratio.clamp_min(0) ** gamma)
-    return torch.where(present, scales, torch.ones_like(scales))
+    ratio = xp.where(errors > eps, lo / errors.clip(min=eps), xp.ones_like(errors))
+    scales = xp.tanh(ratio.clip(min=0) ** gamma)
+    return xp.where(present, scales, xp.ones_like(scales))
 
 
 def febs_loss_multipliers(
@@ -327,13 +343,15 @@ def group_dro_update(q: Tensor, group_losses: Tensor, step_size: float = 0.01, a
     """One exponentiated-gradient step ``q ← q·exp(η·(ℓ_g + adj_g)) / Σ``.
 
     ``group_losses`` holds 0 for groups absent from the batch (official code), so their ``q`` decays
-    relative to the others. Computed in log space for stability.
+    relative to the others. Computed in log space (float64) for stability; torch tensors or numpy arrays.
     """
-    adjusted = group_losses.to(torch.float64)
+    xp = _xp(q)
+    adjusted = _f64(group_losses)
     if adjustment is not None:
-        adjusted = adjusted + adjustment.to(adjusted)
-    logits = torch.log(q.to(torch.float64)) + step_size * adjusted
-    return torch.softmax(logits, dim=0)
+        adjusted = adjusted + (adjustment if xp is np else adjustment.to(adjusted))
+    logits = xp.log(_f64(q)) + step_size * adjusted
+    e = xp.exp(logits - logits.max())
+    return e / e.sum()
 
 
 def group_dro_sample_weights(

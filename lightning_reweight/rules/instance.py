@@ -76,8 +76,9 @@ def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> T
     losses' dtype (the result lies in ``[−δ, δ]``).
     """
     x = losses.double()
-    lo, hi = x.aminmax()
-    return (delta * (2 * x - hi - lo) / torch.clamp(hi - lo, min=eps)).to(losses.dtype)
+    lo, hi = (float(v) for v in x.aminmax())
+    scale = delta / max(hi - lo, eps)
+    return x.mul(2 * scale).sub_((hi + lo) * scale).to(losses.dtype)
 
 
 def linupper_score(x: Tensor, delta: float = 1.0) -> Tensor:
@@ -104,7 +105,7 @@ def softmax_weights(scores: Tensor, temperature: float) -> Tensor:
     Computed in float64 (huge finite scores cannot overflow), returned in the scores' dtype.
     """
     z = scores.double() / temperature
-    return (torch.softmax(z - z.max(), dim=0) * scores.numel()).to(scores.dtype)
+    return torch.softmax(z, dim=0).mul_(scores.numel()).to(scores.dtype)  # softmax subtracts the max itself
 
 
 def loss_based_weights(

@@ -149,3 +149,17 @@ def test_bad_checkpoint_state_is_refused_before_anything_is_assigned(extra, key)
     ok = LossReweighting("kl_dro", normalizer="ema")
     ok.load_state_dict({"table": None, "extra": {"rule": {"log_z": 0.5}, "ess_collapsed_steps": 2}})
     assert ok.rule.log_normalizer == 0.5 and ok.ess_collapsed_steps == 2
+
+
+def test_a_rejected_proposal_is_never_committed_later():
+    cb = LossReweighting("kl_dro", normalizer="ema", track_samples=False)
+    rejected = GlobalBatch(losses=torch.tensor([50.0, 0.0]), index=torch.arange(2))
+    cb.validate_batch(rejected, None)
+    cb.compute_weights(rejected, None, None)  # ... and then a later callback's weights are rejected
+    batch = GlobalBatch(losses=torch.tensor([0.0, 1.0]), index=torch.arange(2), global_step=1)
+    cb.validate_batch(batch, None)
+    w = cb.compute_weights(batch, None, None)
+    cb.on_weights_computed(batch, w, None, None)
+    replay = KLDRORule(normalizer="ema")
+    replay(batch.losses)
+    assert cb.rule.log_normalizer == pytest.approx(replay.log_normalizer)
