@@ -22,6 +22,7 @@ from lightning_reweight.rules.fairness import (
     soft_dice_stats,
     update_group_errors,
 )
+from lightning_reweight.state.validate import CheckpointStateError, as_tensor, require_keys
 
 __all__ = ["FEBSDiceLoss"]
 
@@ -158,6 +159,23 @@ class FEBSDiceLoss(nn.Module):
         s = sample_scales(scales.to(probs.device), group, self.ignore_index)
         losses = [scaled_dice_loss(i, z, y, s, self.smooth, self.class_weights, self.reduction) for i, z, y in views]
         return losses[0] if len(losses) == 1 else 0.5 * (losses[0] + losses[1])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: ANN001 - torch's signature
+        """Validate the FEBS buffers before torch copies them in (finite errors of ``num_groups`` entries,
+        a bool ``group_seen``, scales in [0, 1]); a bad entry raises ``CheckpointStateError`` naming it."""
+        where = f"FEBSDiceLoss[{prefix!r}]"
+        present = {k[len(prefix):]: v for k, v in state_dict.items()
+                   if k.startswith(prefix) and k[len(prefix):] in ("group_error", "group_seen", "last_scale")}
+        if present:
+            require_keys(present, ["group_error", "group_seen", "last_scale"], where)
+            as_tensor(present, "group_error", where, length=self.num_groups)
+            seen = as_tensor(present, "group_seen", where, kind="any", length=self.num_groups)
+            if seen.dtype != torch.bool:
+                raise CheckpointStateError(where, "group_seen", f"expected a bool tensor, but got dtype {seen.dtype}.")
+            as_tensor(present, "last_scale", where, length=self.num_groups, minimum=0.0, maximum=1.0)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, gamma={self.gamma}, momentum={self.momentum}, "

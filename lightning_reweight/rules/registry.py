@@ -192,7 +192,9 @@ class KLDRORule(Rule):
         where = "KLDRORule"
         if not isinstance(state, dict):
             raise CheckpointStateError(where, None, f"expected a dict, but got {type(state).__name__}.")
-        log_z = as_float(state, "log_z", where, optional=True) if "log_z" in state else None
+        if state and "log_z" not in state:  # an empty dict (no state saved yet) starts fresh
+            raise CheckpointStateError(where, "log_z", f"missing key; present: {sorted(state)}.")
+        log_z = as_float(state, "log_z", where, optional=True) if state else None
         self._log_z = log_z
 
 

@@ -311,3 +311,18 @@ def test_febs_dice_paired_views_update_state_once_per_sample():
 
     expected = 0.5 * sum(scaled_dice_loss(*soft_dice_stats(lg.softmax(1), t), s) for lg, t in ((l1, t1), (l2, t2)))
     assert float(out) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_febs_dice_buffers_are_validated_at_load():
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    state = FEBSDiceLoss(num_groups=2).state_dict()
+    state["group_error"] = torch.tensor([float("nan"), 0.1], dtype=torch.float64)
+    fresh = FEBSDiceLoss(num_groups=2)
+    with pytest.raises(CheckpointStateError, match="NaN") as err:
+        fresh.load_state_dict(state)
+    assert err.value.key == "group_error" and torch.equal(fresh.group_error, torch.zeros(2, dtype=torch.float64))
+    state = FEBSDiceLoss(num_groups=2).state_dict()
+    del state["group_seen"]
+    with pytest.raises(CheckpointStateError, match="missing key"):
+        FEBSDiceLoss(num_groups=2).load_state_dict(state)

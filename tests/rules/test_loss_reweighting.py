@@ -163,3 +163,12 @@ def test_a_rejected_proposal_is_never_committed_later():
     replay = KLDRORule(normalizer="ema")
     replay(batch.losses)
     assert cb.rule.log_normalizer == pytest.approx(replay.log_normalizer)
+
+
+def test_kl_dro_state_with_a_missing_key_is_named():
+    rule = KLDRORule(normalizer="ema")
+    with pytest.raises(CheckpointStateError, match="missing key") as err:
+        rule.load_state_dict({"logz": 0.3})
+    assert err.value.key == "log_z" and rule.log_normalizer is None
+    rule.load_state_dict({})  # nothing saved yet: starts fresh
+    assert rule.log_normalizer is None
