@@ -11,7 +11,9 @@ are comparable (a shared machine's drift still moves the absolute numbers).
 JSON figures: ``reduce_loss_ms_<callback>_<batch>`` for ``<callback>`` in ``none`` (no weighting callback:
 the plain mean), ``loss_reweighting_linupper``, ``loss_reweighting_kl_dro_ema``, ``group_dro``,
 ``fair_error_bound_scaling``, ``group_balancing_upweight``, ``importance_sampling``, ``adawac``
-(``loss_reweighting_linupper_no_table``: the same without the per-sample table, to show its share), and
+(``loss_reweighting_linupper_no_table``: the same without the per-sample table, to show its share;
+``null_callback``: a ``WeightingCallback`` with no opinion and no table, the floor of the contract path any
+callback pays), and
 ``<batch>`` in 64, 1024, 8192 (``--quick``: 64 and 1024). Target: under 0.5 ms at batch 1024.
 """
 
@@ -37,10 +39,12 @@ def _callbacks():
         GroupDRO,
         ImportanceSampling,
         LossReweighting,
+        WeightingCallback,
     )
 
     return {
         "none": lambda: None,
+        "null_callback": lambda: WeightingCallback(track_samples=False, log_every_n_steps=0),
         "loss_reweighting_linupper": lambda: LossReweighting("linupper", warmup_steps=0),
         "loss_reweighting_linupper_no_table": lambda: LossReweighting("linupper", warmup_steps=0,
                                                                       track_samples=False),

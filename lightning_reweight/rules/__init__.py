@@ -1,9 +1,12 @@
 """What decides weights: pure functions, no Lightning.
 
 * ``instance`` — per-sample losses -> weights (LinUpper / Quadratic / Extremes, KL-DRO); ``create_rule(name,
-  **kwargs)`` builds one from the registry ``RULES`` (an unknown name raises with the valid ones). A rule is a
-  callable ``rule(losses) -> weights`` with ``state_dict``/``load_state_dict`` for anything it keeps.
-* ``balance`` — class/group temperature distributions, upweight factors, the Cooldown schedule.
+  **kwargs)`` builds one from the registry ``RULES`` (an unknown name raises with the valid ones;
+  ``rule_arguments(name)`` lists the arguments a rule takes). A rule is a callable ``rule(losses) -> weights``
+  with ``state_dict``/``load_state_dict`` for anything it keeps; a stateful rule splits a step into a pure
+  ``propose(losses) -> (weights, pending)`` and ``commit(pending)``, so a rejected step changes nothing.
+* ``balance`` — class/group temperature distributions, upweight factors, the Cooldown schedule, and
+  ``check_groups``, the one validator of group/class ids (re-exported by ``fairness``).
 * ``importance`` — importance-sampling scores, probabilities with a uniform floor, unbiasing weights.
 * ``fairness`` — GroupDRO and FEBS group weights, FEBS-Dice.
 * ``adawac`` — AdaWAC's mirror-descent step.

@@ -72,13 +72,6 @@ def _bucket(group: Tensor, num_groups: int, ignore_index: int | None) -> Tensor:
     return torch.where(group == ignore_index, torch.full_like(group, num_groups), group)
 
 
-def bucket_means(values: Tensor, idx: Tensor, bucket_counts: Tensor, num_groups: int) -> Tensor:
-    """Per-group means of 1-D ``values`` from bucket ids (see ``_bucket``) and their ``num_groups + 1``
-    bucket counts: one ``bincount`` (0 for absent groups), float64."""
-    sums = torch.bincount(idx, weights=values.double(), minlength=num_groups + 1)[:num_groups]
-    return sums / bucket_counts[:num_groups].clamp_min(1)
-
-
 def group_sums(
     values: Tensor, group: Tensor, num_groups: int, ignore_index: int | None = -1
 ) -> tuple[Tensor, Tensor]:
