@@ -71,13 +71,15 @@ def check_losses(losses: Tensor) -> Tensor:
 def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> Tensor:
     """Map losses into ``[−δ, δ]``: ``δ(2ℓ − ℓ_max − ℓ_min) / max(ℓ_max − ℓ_min, eps)``.
 
-    All-equal losses map to 0 (then every strategy gives uniform weights). Computed in float64, so finite
-    but huge losses (e.g. ``3e38`` in float32) cannot overflow ``2ℓ − ℓ_max − ℓ_min``; returned in the
-    losses' dtype (the result lies in ``[−δ, δ]``).
+    All-equal losses map to 0 (then every strategy gives uniform weights). The range and the scale are
+    Python floats and the result is formed as ``ℓ·(2δ/range) − (ℓ_max + ℓ_min)·δ/range`` (float64 when that
+    could overflow), so finite but huge losses (e.g. ``3e38`` in float32) cannot overflow
+    ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
-    x = losses.double()
-    lo, hi = (float(v) for v in x.aminmax())
-    scale = delta / max(hi - lo, eps)
+    lo, hi = (float(v) for v in losses.aminmax())
+    scale = delta / max(hi - lo, eps)  # Python floats: no overflow for huge finite losses
+    # 2·scale·ℓ stays within ±(2δ + |ℓ_max + ℓ_min|·scale); compute in float64 only if that could overflow
+    x = losses if max(abs(hi), abs(lo)) * 2 * scale < 1e30 else losses.double()
     return x.mul(2 * scale).sub_((hi + lo) * scale).to(losses.dtype)
 
 
@@ -102,9 +104,10 @@ _SCORES = {"linupper": linupper_score, "quadratic": quadratic_score, "extremes":
 def softmax_weights(scores: Tensor, temperature: float) -> Tensor:
     """``B · softmax(scores / temperature)``: non-negative, mean 1, max-subtracted for stability.
 
-    Computed in float64 (huge finite scores cannot overflow), returned in the scores' dtype.
+    Computed in the scores' dtype (``torch.softmax`` subtracts the max; pass float64 scores when
+    ``scores / temperature`` could overflow, as the KL-DRO tilt does).
     """
-    z = scores.double() / temperature
+    z = scores / temperature
     return torch.softmax(z, dim=0).mul_(scores.numel()).to(scores.dtype)  # softmax subtracts the max itself
 
 

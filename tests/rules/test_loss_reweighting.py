@@ -60,6 +60,7 @@ def test_huge_finite_losses_do_not_overflow_the_min_max_normalisation():
     losses = torch.tensor([0.0, 3e38, 1.5e38, -3e38])
     x = minmax_normalize(losses)
     torch.testing.assert_close(x, torch.tensor([0.0, 1.0, 0.5, -1.0]))
+    torch.testing.assert_close(minmax_normalize(torch.full((3,), 3e38)), torch.zeros(3))  # all equal: 0, not NaN
     for name in ("linupper", "quadratic", "extremes", "kl_dro"):
         w = create_rule(name)(losses)
         assert bool(torch.isfinite(w).all()) and float(w.mean()) == pytest.approx(1.0, abs=1e-5)
