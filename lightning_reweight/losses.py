@@ -22,6 +22,7 @@ from lightning_reweight.rules.fairness import (
     soft_dice_stats,
     update_group_errors,
 )
+from lightning_reweight.state.validate import CheckpointStateError, as_tensor, require_keys
 
 __all__ = ["FEBSDiceLoss"]
 
@@ -50,7 +51,7 @@ class FEBSDiceLoss(nn.Module):
         gamma: γ of the scaling.
         smooth: Dice smoothing constant.
         momentum: weight of the current batch in the running group errors (1 = per batch, the paper).
-        ignore_index: group id of unknown samples.
+        ignore_index: group id of unknown samples: negative (−1) or ``>= num_groups`` (e.g. 255); ``None``: none.
         from_logits: apply softmax (``C > 1``) or sigmoid (``C = 1``, expanded to background/foreground).
         class_weights: per-class multipliers of the Dice terms (default all 1).
         reduction: ``"batch"`` (pooled pixels, a scalar, as the paper) or ``"none"`` (one loss per image, for
@@ -83,6 +84,12 @@ class FEBSDiceLoss(nn.Module):
             raise ValueError(f"Expected argument `momentum` to be in (0, 1], but got {momentum!r}.")
         if reduction not in ("batch", "none"):
             raise ValueError(f"Expected argument `reduction` to be 'batch' or 'none', but got {reduction!r}.")
+        if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
+                                         or 0 <= ignore_index < num_groups):
+            raise ValueError(
+                f"Expected argument `ignore_index` to be an int outside [0, {num_groups}) (e.g. -1 or 255) or None, "
+                f"but got {ignore_index!r}."
+            )
         self.num_groups, self.gamma, self.smooth, self.momentum = num_groups, float(gamma), float(smooth), float(momentum)
         self.ignore_index, self.from_logits, self.reduction, self.sync_dist = ignore_index, from_logits, reduction, sync_dist
         self.class_weights = list(class_weights) if class_weights is not None else None
@@ -103,37 +110,72 @@ class FEBSDiceLoss(nn.Module):
             return torch.stack([1 - p, p], dim=1), target
         return (F.softmax(logits, dim=1) if self.from_logits else logits), target
 
-    def forward(self, logits: Tensor, target: Tensor, group: Tensor | None) -> Tensor:
+    #: ``forward`` takes a second view (``logits2=``, ``target2=``) and updates its state once per sample
+    supports_views = True
+
+    def forward(self, logits: Tensor, target: Tensor, group: Tensor | None, logits2: Tensor | None = None,
+                target2: Tensor | None = None) -> Tensor:
         """FEBS-Dice of one batch: ``logits`` ``(B, C, *S)`` (or ``(B, 1, *S)`` binary), ``target`` labels
-        ``(B, *S)`` (or a ``(B, 1, *S)`` mask), ``group`` ``(B,)``."""
+        ``(B, *S)`` (or a ``(B, 1, *S)`` mask), ``group`` ``(B,)``.
+
+        Paired (AdaWAC) batches pass the second view as ``logits2``/``target2``: the group errors pool the
+        pixels of both views and the running state moves once per step (once per sample, not once per
+        view); the result is the mean of the two views' FEBS-Dice losses under the same scales.
+        """
         if group is None:
             raise ValueError(
                 "FEBSDiceLoss needs a group id per sample, but got none. Use a data set with groups "
                 "(`IndexedDataset(ds, groups=...)`, e.g. PH2DataModule) and pass `group` to the loss."
             )
+        if (logits2 is None) != (target2 is None):
+            raise ValueError("Expected both `logits2` and `target2` for a paired batch, but got only one of them.")
         probs, target = self._probs_and_target(logits, target)
-        group = check_groups(torch.as_tensor(group, device=probs.device), self.num_groups, self.ignore_index)
+        group = check_groups(torch.as_tensor(group, device=probs.device), self.num_groups, self.ignore_index,
+                             name="group")
         if group.shape[0] != probs.shape[0]:
             raise ValueError(f"Expected one group id per sample ({probs.shape[0]}), but got {group.shape[0]}.")
-        inter, z, y = soft_dice_stats(probs, target)
-        sums, counts = group_sums(torch.stack([inter, z, y], dim=-1).detach().double(), group, self.num_groups,
-                                  self.ignore_index)
+        views = [soft_dice_stats(probs, target)]
+        if logits2 is not None:
+            probs2, target2 = self._probs_and_target(logits2, target2)
+            if probs2.shape[0] != probs.shape[0]:
+                raise ValueError(f"Expected the second view to have {probs.shape[0]} samples, but got {probs2.shape[0]}.")
+            views.append(soft_dice_stats(probs2, target2))
+        stats = sum(torch.stack(v, dim=-1).detach().double() for v in views)  # pooled pixels of every view
+        sums, counts = group_sums(stats, group, self.num_groups, self.ignore_index)
         if self.sync_dist and is_distributed():
             dist.all_reduce(sums)
             dist.all_reduce(counts)
         present = counts > 0
         batch_error = _dice_errors_from_group_sums(sums, self.smooth) * present
-        if self.training:
+        if self.training and bool(present.any()):
             error, seen = update_group_errors(self.group_error, self.group_seen, batch_error, present, self.momentum)
             self.group_error.copy_(error)
             self.group_seen.copy_(seen)
             scales = febs_group_scales(self.group_error, present, self.gamma)
             self.last_scale.copy_(scales)
-        else:  # evaluation: no state change; use the running errors when there are some
+        else:  # evaluation, or every sample has ignore_index: no state change
             error = torch.where(self.group_seen, self.group_error, batch_error)
             scales = febs_group_scales(error, present, self.gamma)
         s = sample_scales(scales.to(probs.device), group, self.ignore_index)
-        return scaled_dice_loss(inter, z, y, s, self.smooth, self.class_weights, self.reduction)
+        losses = [scaled_dice_loss(i, z, y, s, self.smooth, self.class_weights, self.reduction) for i, z, y in views]
+        return losses[0] if len(losses) == 1 else 0.5 * (losses[0] + losses[1])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: ANN001 - torch's signature
+        """Validate the FEBS buffers before torch copies them in (finite errors of ``num_groups`` entries,
+        a bool ``group_seen``, scales in [0, 1]); a bad entry raises ``CheckpointStateError`` naming it."""
+        where = f"FEBSDiceLoss[{prefix!r}]"
+        present = {k[len(prefix):]: v for k, v in state_dict.items()
+                   if k.startswith(prefix) and k[len(prefix):] in ("group_error", "group_seen", "last_scale")}
+        if present:
+            require_keys(present, ["group_error", "group_seen", "last_scale"], where)
+            as_tensor(present, "group_error", where, length=self.num_groups)
+            seen = as_tensor(present, "group_seen", where, kind="any", length=self.num_groups)
+            if seen.dtype != torch.bool:
+                raise CheckpointStateError(where, "group_seen", f"expected a bool tensor, but got dtype {seen.dtype}.")
+            as_tensor(present, "last_scale", where, length=self.num_groups, minimum=0.0, maximum=1.0)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"num_groups={self.num_groups}, gamma={self.gamma}, momentum={self.momentum}, "

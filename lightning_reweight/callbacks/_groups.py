@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
@@ -33,18 +35,24 @@ class GroupCallback(WeightingCallback):
                          name=name)
         if num_groups is not None and (not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1):
             raise ValueError(f"Expected argument `num_groups` to be a positive int or None, but got {num_groups!r}.")
-        if ignore_index is not None and (not isinstance(ignore_index, int) or ignore_index >= 0):
-            raise ValueError(f"Expected argument `ignore_index` to be a negative int or None, but got {ignore_index!r}.")
+        if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
+                                         or (num_groups is not None and 0 <= ignore_index < num_groups)):
+            raise ValueError(
+                f"Expected argument `ignore_index` to be an int outside the group ids (negative, e.g. -1, or >= "
+                f"num_groups, e.g. 255) or None, but got {ignore_index!r}."
+            )
         self.num_groups = num_groups
         self.ignore_index = ignore_index
         self._train_groups: Tensor | None = None
+        self._prepared: tuple[GlobalBatch, Tensor, Tensor] | None = None
+        self._pending: Any = None
 
     # ---------------------------------------------------------------- groups
     def resolve_num_groups(self, trainer: pl.Trainer | None) -> int:
         """``num_groups`` as given, else from the training data set's group ids."""
         if self.num_groups is None:
             groups = train_dataset_groups(trainer)
-            valid = groups[groups >= 0] if groups is not None else None
+            valid = groups[self._known(groups)] if groups is not None else None
             if valid is None or valid.numel() == 0:
                 raise RuntimeError(
                     f"{type(self).__name__} could not infer the number of groups: the train dataloader's data set "
@@ -54,12 +62,16 @@ class GroupCallback(WeightingCallback):
             self.num_groups = int(valid.max()) + 1
         return self.num_groups
 
+    def _known(self, groups: Tensor) -> Tensor:
+        known = groups >= 0
+        return known & (groups != self.ignore_index) if self.ignore_index is not None else known
+
     def train_group_counts(self, trainer: pl.Trainer | None) -> Tensor | None:
         """Training-set sample count per group (from the data set's group ids), or ``None``."""
         groups = train_dataset_groups(trainer)
         if groups is None or self.num_groups is None:
             return None
-        valid = groups[groups >= 0]
+        valid = groups[self._known(groups)]
         if valid.numel() and int(valid.max()) >= self.num_groups:
             raise ValueError(
                 f"The training data set holds group id {int(valid.max())}, but {type(self).__name__} has "
@@ -71,6 +83,7 @@ class GroupCallback(WeightingCallback):
         """Allocate the per-group state on first use."""
 
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        self._pending = None  # a proposal of an earlier, rejected step is never committed
         super().validate_batch(batch, trainer)
         if batch.group is None:
             raise ValueError(
@@ -79,7 +92,26 @@ class GroupCallback(WeightingCallback):
                 "`group` to each batch)."
             )
         self.setup_groups(trainer)
-        check_groups(batch.group, self.num_groups, self.ignore_index)
+        self._prepared = (batch, *self._bucket_and_count(batch.group))
+
+    def _bucket_and_count(self, group: Tensor) -> tuple[Tensor, Tensor]:
+        """Validate the batch's ids once and return ``(bucket ids, counts)``: ids with every ``ignore_index``
+        sample in the extra bucket ``num_groups``, and the ``num_groups + 1`` bucket counts."""
+        assert self.num_groups is not None
+        num_groups = self.num_groups
+        if group.dtype == torch.int64 and group.ndim == 1 and group.numel():
+            lo, hi = (int(v) for v in group.aminmax())
+            if lo >= 0 and hi < num_groups:  # fast path: every id valid, none ignored
+                return group, torch.bincount(group, minlength=num_groups + 1)
+        group = check_groups(group, num_groups, self.ignore_index, name="group")
+        idx = group if self.ignore_index is None else torch.where(group == self.ignore_index, num_groups, group)
+        return idx, torch.bincount(idx, minlength=num_groups + 1)
+
+    def prepared(self, batch: GlobalBatch) -> tuple[Tensor, Tensor]:
+        """``(bucket ids, bucket counts)`` of ``batch`` from ``validate_batch`` (recomputed if missing)."""
+        if self._prepared is not None and self._prepared[0] is batch:
+            return self._prepared[1], self._prepared[2]
+        return self._bucket_and_count(batch.group)
 
     # ---------------------------------------------------------------- logging
     def log_extras(self) -> dict[str, float]:

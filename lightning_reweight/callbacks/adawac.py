@@ -13,6 +13,7 @@ from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.callbacks.logging import log_histogram, log_scalars, log_weight_stats
 from lightning_reweight.rules.adawac import adawac_update, check_eta
 from lightning_reweight.state.table import Column
+from lightning_reweight.state.validate import CheckpointStateError, as_tensor, require_keys
 
 __all__ = ["AdaWAC"]
 
@@ -86,6 +87,7 @@ class AdaWAC(WeightingCallback):
         self.consistency_key = consistency_key
         self.sparse_key = sparse_key
         self._parts: tuple[Tensor, Tensor] | None = None
+        self._pending: tuple[GlobalBatch, Tensor, Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ table
     @override
@@ -108,6 +110,7 @@ class AdaWAC(WeightingCallback):
     # ------------------------------------------------------------------ the step
     @override
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        self._pending = None  # a proposal of an earlier, rejected step is never committed
         super().validate_batch(batch, trainer)
         cons = batch.extras.get(self.consistency_key)
         if cons is None:
@@ -133,29 +136,53 @@ class AdaWAC(WeightingCallback):
                 f"Expected the `{self.consistency_key}` loss to be a tensor of shape {tuple(losses.shape)}, but got "
                 f"{tuple(getattr(cons_local, 'shape', ()))}."
             )
+        # pure: the new β rows are committed in ``on_weights_computed`` once every callback's weights were accepted
         table = self.table
         loss_sup, loss_cons = batch.losses, batch.extras[self.consistency_key].float()
-        rows, new_sup, new_cons = adawac_update(table["beta_sup"], table["beta_cons"], batch.index, loss_sup,
-                                                loss_cons, self.eta)
-        table["beta_sup"][rows] = new_sup
-        table["beta_cons"][rows] = new_cons
-        sparse = batch.extras.get(self.sparse_key)
-        if sparse is not None and sparse.shape == batch.index.shape:
-            table["sparse"][batch.index] = sparse.float()
-        self._parts = (loss_sup.clone(), loss_cons.clone())
-        local = batch.index[batch.local]
-        b_sup = table["beta_sup"][local].to(losses.device, losses.dtype)
-        b_cons = table["beta_cons"][local].to(losses.device, losses.dtype)
+        rows, new_sup, new_cons, inverse = adawac_update(table["beta_sup"], table["beta_cons"], batch.index,
+                                                         loss_sup, loss_cons, self.eta, return_inverse=True)
+        self._pending = (batch, rows, new_sup, new_cons)
+        self._parts = (loss_sup, loss_cons)  # detached global copies already; nothing mutates them
+        pos = inverse[batch.local]  # the batch's β after the step, in batch order
+        b_sup = new_sup[pos].to(losses.device, losses.dtype)
+        b_cons = new_cons[pos].to(losses.device, losses.dtype)
         return b_sup * losses + b_cons * cons_local.to(losses.dtype)
 
     @override
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:  # (cleared in validate_batch: never a previous, rejected step's)
+            return
+        _, rows, new_sup, new_cons = pending
+        table = self.table
+        table["beta_sup"][rows] = new_sup
+        table["beta_cons"][rows] = new_cons
+        sparse = batch.extras.get(self.sparse_key)
+        if sparse is not None and sparse.shape == batch.index.shape:
+            table["sparse"][batch.index] = sparse.float()
         extra = {}
         if self._parts is not None:
             extra = {"loss_sup": self._parts[0], "loss_cons": self._parts[1]}
-        self.table.update(batch.index, loss=batch.losses, ema_loss=batch.losses, weight=weights, **extra)
+        table.update(batch.index, loss=batch.losses, ema_loss=batch.losses, weight=weights, **extra)
         self._last = (batch, weights)
+
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Validate the checkpointed β columns (finite, in [0, 1], β_sup + β_cons = 1) before loading anything."""
+        where = f"AdaWAC[{self.state_key}]['table']"
+        table = state_dict.get("table") if isinstance(state_dict, dict) else None
+        if table is not None:
+            require_keys(table, ["columns"], where)
+            columns = require_keys(table["columns"], ["beta_sup", "beta_cons"], f"{where}['columns']")
+            n = len(columns["beta_sup"]) if isinstance(columns["beta_sup"], Tensor) else None
+            sup = as_tensor(columns, "beta_sup", f"{where}['columns']", minimum=0.0, maximum=1.0)
+            cons = as_tensor(columns, "beta_cons", f"{where}['columns']", length=n, minimum=0.0, maximum=1.0)
+            if sup.numel() and float((sup.double() + cons.double() - 1).abs().max()) > 1e-3:
+                raise CheckpointStateError(f"{where}['columns']", "beta_cons",
+                                           "expected beta_sup + beta_cons = 1 for every sample, but they differ.")
+        super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ logging
     @override

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,10 +19,9 @@ from lightning_reweight.callbacks.base import GlobalBatch
 from lightning_reweight.losses import FEBSDiceLoss
 from lightning_reweight.rules.fairness import (
     febs_group_scales,
-    febs_loss_multipliers,
-    group_means,
     update_group_errors,
 )
+from lightning_reweight.state.validate import CheckpointStateError, as_int, as_tensor, require_keys
 
 __all__ = ["FairErrorBoundScaling", "FEBSDiceLoss"]
 
@@ -47,6 +47,10 @@ class FairErrorBoundScaling(GroupCallback):
     Ours (documented fixes): the min runs over groups present in the batch (the official code takes it over
     all groups, so one absent group zeroes every scale); group ids are validated; ``ignore_index`` (−1)
     samples are left out of the errors and unscaled.
+
+    The running errors and ``steps`` are committed only after every callback's weights for the step were
+    accepted. A batch whose samples all have ``ignore_index`` is a no-op for this callback (multipliers 1,
+    no state change, ``steps`` not advanced). The checkpointed errors are validated at load.
 
     Args:
         num_groups: G; inferred from the training data set's ``groups`` (``IndexedDataset``) when ``None``.
@@ -87,6 +91,7 @@ class FairErrorBoundScaling(GroupCallback):
         self.seen: Tensor | None = None
         self.steps = 0
         self._last_scales: tuple[Tensor, Tensor] | None = None
+        self._pending: tuple[Any, ...] | None = None
 
     @property
     def state_key(self) -> str:
@@ -103,15 +108,36 @@ class FairErrorBoundScaling(GroupCallback):
             raise ValueError(f"The restored FEBS errors have {self.errors.numel()} groups but num_groups={num_groups}.")
 
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+        # pure: the running errors are committed in ``on_weights_computed`` once every callback's weights
+        # were accepted
         assert self.errors is not None and self.seen is not None and self.num_groups is not None
-        group = batch.group.long()  # type: ignore[union-attr]
-        batch_error, counts = group_means(batch.losses.double(), group, self.num_groups, self.ignore_index)
+        idx, bucket_counts = self.prepared(batch)
+        if int(bucket_counts[-1]) == len(batch):  # every sample has ignore_index: a no-op (multipliers 1)
+            self._pending = None
+            return torch.ones(len(batch), dtype=torch.float32)
+        # the per-group math runs on numpy views of a few numbers (torch's per-op overhead dominates there)
+        counts = bucket_counts.numpy()[: self.num_groups]
         present = counts > 0
-        self.errors, self.seen = update_group_errors(self.errors, self.seen, batch_error, present, self.momentum)
-        self.steps += 1
-        scales = febs_group_scales(self.errors, present, self.gamma)
-        self._last_scales = (scales, present)
-        return febs_loss_multipliers(scales, group, self.ignore_index, self.min_scale)
+        sums = torch.bincount(idx, weights=batch.losses.double(), minlength=self.num_groups + 1).numpy()
+        batch_error = sums[: self.num_groups] / np.maximum(counts, 1)
+        errors, seen = update_group_errors(self.errors.numpy(), self.seen.numpy(), batch_error, present,
+                                           self.momentum)
+        scales = febs_group_scales(errors, present, self.gamma)
+        self._pending = (batch, errors, seen, scales, present)
+        # multipliers ∝ 1/w_g, mean 1 over the grouped samples; ignore_index samples (extra bucket) keep 1
+        inv = 1.0 / np.maximum(scales, self.min_scale)
+        inv *= counts.sum() / (inv * counts).sum()
+        return torch.from_numpy(np.append(inv, 1.0).astype(np.float32))[idx]
+
+    def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
+                            pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
+            _, errors, seen, scales, present = pending
+            self.errors, self.seen = torch.from_numpy(errors), torch.from_numpy(seen)
+            self.steps += 1
+            self._last_scales = (torch.from_numpy(scales), torch.from_numpy(present))
+        super().on_weights_computed(batch, weights, trainer, pl_module)
 
     def log_extras(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -129,14 +155,32 @@ class FairErrorBoundScaling(GroupCallback):
             "steps": self.steps,
         }
 
+    def _read_extra(self, state: Any) -> tuple[Tensor | None, Tensor | None, int] | None:
+        """Validate a checkpoint's extra state (``None``: nothing saved, start fresh); assigns nothing."""
+        where = f"FairErrorBoundScaling[{self.state_key}]['extra']"
+        if isinstance(state, dict) and not state:
+            return None
+        require_keys(state, ["errors", "seen", "steps"], where)
+        steps = as_int(state, "steps", where, minimum=0)
+        if state["errors"] is None:
+            return None, None, steps
+        errors = as_tensor(state, "errors", where, length=self.num_groups)
+        seen = as_tensor(state, "seen", where, kind="any", length=errors.shape[0])
+        if seen.dtype != torch.bool:
+            raise CheckpointStateError(where, "seen", f"expected a bool tensor, but got dtype {seen.dtype}.")
+        if bool((errors[~seen] != 0).any()):
+            raise CheckpointStateError(where, "errors", "expected 0 for every group not seen yet, but got others.")
+        return errors.detach().to("cpu", torch.float64).clone(), seen.detach().cpu().clone(), steps
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)
+        super().load_state_dict(state_dict)
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        errors, seen = state.get("errors"), state.get("seen")
+        read = self._read_extra(state)
+        if read is None:
+            return
+        errors, seen, steps = read
         if errors is not None:
-            errors = torch.as_tensor(errors, dtype=torch.float64)
-            if self.num_groups is not None and errors.numel() != self.num_groups:
-                raise ValueError(
-                    f"The checkpoint's FEBS errors have {errors.numel()} groups but num_groups={self.num_groups}."
-                )
-            self.errors = errors
-            self.seen = torch.as_tensor(seen, dtype=torch.bool) if seen is not None else torch.ones_like(errors, dtype=torch.bool)
-        self.steps = int(state.get("steps", 0))
+            self.errors, self.seen = errors, seen
+        self.steps = steps

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -15,10 +16,9 @@ from lightning_reweight.callbacks._groups import GroupCallback
 from lightning_reweight.callbacks.base import GlobalBatch
 from lightning_reweight.rules.fairness import (
     dro_adjustment,
-    group_dro_sample_weights,
     group_dro_update,
-    group_means,
 )
+from lightning_reweight.state.validate import CheckpointStateError, as_distribution, as_int, require_keys
 
 __all__ = ["GroupDRO"]
 
@@ -42,6 +42,10 @@ class GroupDRO(GroupCallback):
     Ours: ``adjustment`` applies per group (the official code applies it only if *every* ``C_g > 0``; mixed
     zeros warn). The paper's runs also sample groups uniformly (``--reweight_groups``); pair this callback
     with a group-balanced sampler to reproduce them.
+
+    State changes (``q``, ``steps``) are committed only after every callback's weights for the step were
+    accepted; a batch whose samples all have ``ignore_index`` raises before any change. The checkpointed
+    ``q`` is validated at load (a distribution of ``num_groups`` entries).
 
     Args:
         num_groups: G; inferred from the training data set's ``groups`` (``IndexedDataset``) when ``None``.
@@ -93,7 +97,9 @@ class GroupDRO(GroupCallback):
         self.q: Tensor | None = None
         self.steps = 0
         self._adj: Tensor | None = None
+        self._adj_np: np.ndarray | None = None
         self._last_group_loss: tuple[Tensor, Tensor] | None = None
+        self._pending: tuple[GlobalBatch, Tensor, Tensor, Tensor] | None = None
 
     @property
     def state_key(self) -> str:
@@ -112,15 +118,39 @@ class GroupDRO(GroupCallback):
             if counts is None and self.adjustment is not None:
                 counts = self.train_group_counts(trainer)
             self._adj = dro_adjustment(self.adjustment, counts, num_groups)
+            self._adj_np = self._adj.numpy() if bool((self._adj != 0).any()) else None
+
+    def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        super().validate_batch(batch, trainer)
+        _, counts = self.prepared(batch)
+        if int(counts[-1]) == len(batch):
+            raise ValueError(
+                f"Expected at least one sample with a known group, but every sample of this batch has group "
+                f"ignore_index={self.ignore_index}: GroupDRO gives such samples weight 0, so the whole batch would "
+                "count 0. No state was updated. Drop unknown-group samples from the training set, or sample "
+                "batches that contain known groups (e.g. a group-balanced sampler)."
+            )
 
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
+        # pure: the new q is committed in ``on_weights_computed`` once every callback's weights were accepted
         assert self.q is not None and self.num_groups is not None and batch.group is not None
-        group = batch.group.long()
-        group_loss, counts = group_means(batch.losses.double(), group, self.num_groups, self.ignore_index)
-        self.q = group_dro_update(self.q, group_loss, self.step_size, self._adj)  # update, then the loss
-        self.steps += 1
-        self._last_group_loss = (group_loss, counts)
-        return group_dro_sample_weights(self.q, group, self.num_groups, self.ignore_index)
+        idx, bucket_counts = self.prepared(batch)
+        # the per-group math runs on numpy views of a few numbers (torch's per-op overhead dominates there)
+        counts = bucket_counts.numpy()[: self.num_groups]
+        sums = torch.bincount(idx, weights=batch.losses.double(), minlength=self.num_groups + 1).numpy()
+        group_loss = sums[: self.num_groups] / np.maximum(counts, 1)
+        q = group_dro_update(self.q.numpy(), group_loss, self.step_size, self._adj_np)  # update, then the loss
+        self._pending = (batch, q, group_loss, counts)
+        per_group = np.append(q * len(batch) / np.maximum(counts, 1), 0.0).astype(np.float32)
+        return torch.from_numpy(per_group)[idx]  # ignore_index samples (extra bucket): 0
+
+    def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
+                            pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
+            self.q, self.steps = torch.from_numpy(pending[1]), self.steps + 1
+            self._last_group_loss = (torch.from_numpy(pending[2]), torch.from_numpy(pending[3].copy()))
+        super().on_weights_computed(batch, weights, trainer, pl_module)
 
     def log_extras(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -134,13 +164,29 @@ class GroupDRO(GroupCallback):
     def extra_state(self) -> dict[str, Any]:
         return {"q": None if self.q is None else self.q.clone(), "steps": self.steps}
 
+    def _read_extra(self, state: Any) -> tuple[Tensor | None, int] | None:
+        """Validate a checkpoint's extra state (``None``: nothing saved, start fresh); assigns nothing."""
+        where = f"GroupDRO[{self.state_key}]['extra']"
+        if isinstance(state, dict) and not state:
+            return None
+        require_keys(state, ["q", "steps"], where)
+        steps = as_int(state, "steps", where, minimum=0)
+        if state["q"] is None:
+            return None, steps
+        q = as_distribution(state, "q", where, length=self.num_groups)
+        if q.numel() == 0:
+            raise CheckpointStateError(where, "q", "expected at least one group, but got an empty tensor.")
+        return q.detach().to("cpu", torch.float64).clone(), steps
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)
+        super().load_state_dict(state_dict)
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        q = state.get("q")
+        read = self._read_extra(state)
+        if read is None:
+            return
+        q, steps = read
         if q is not None:
-            q = torch.as_tensor(q, dtype=torch.float64)
-            if self.num_groups is not None and q.numel() != self.num_groups:
-                raise ValueError(
-                    f"The checkpoint's GroupDRO q has {q.numel()} groups but this callback has num_groups={self.num_groups}."
-                )
             self.q = q
-        self.steps = int(state.get("steps", 0))
+        self.steps = steps

@@ -2,14 +2,62 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
-from lightning_reweight.rules import RULES, Rule, clip_weights, create_rule
+from lightning_reweight.rules import RULES, Rule, clip_weights, create_rule, effective_sample_size
+from lightning_reweight.rules.registry import rule_arguments
+from lightning_reweight.state.validate import CheckpointStateError, as_int
+
+__all__ = ["LossReweighting", "resolve_rule_arguments"]
+
+#: the rule-specific constructor arguments of ``LossReweighting``
+RULE_ARGUMENTS = ("r", "delta", "direction", "normalizer", "ema_rate")
+
+
+def resolve_rule_arguments(rule: str, given: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split rule-specific arguments into the ones rule ``rule`` takes and the ones to ignore.
+
+    ``None`` means "the rule's default" and is dropped. An argument the rule does not take is ignored (with a
+    warning, returned as the second value) when its value is the default of some registered rule that does
+    take it — a leftover of a config written for another rule, e.g. ``delta: 1.0`` after switching to
+    ``kl_dro``. Any other value of such an argument raises, since it would otherwise be silently lost.
+
+    Raises:
+        ValueError: naming the argument, the rule, the arguments it takes and the rules that take the argument.
+    """
+    accepted = rule_arguments(rule)
+    kwargs, ignored = {}, []
+    for key, value in given.items():
+        if value is None:
+            continue
+        if accepted is None or key in accepted:
+            kwargs[key] = value
+            continue
+        takers = {name: args[key] for name in RULES if (args := rule_arguments(name)) and key in args}
+        if any(_same(value, default) for default in takers.values()):
+            ignored.append(f"{key}={value!r}")
+            continue
+        raise ValueError(
+            f"Expected no `{key}` for rule {rule!r} (it takes {sorted(accepted)}), but got {key}={value!r}. "
+            f"`{key}` belongs to rule(s) {sorted(takers)}: pick one of those, or remove `{key}` (or set it to "
+            "null) in the config."
+        )
+    return kwargs, ignored
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b))
+    return a == b
 
 
 class LossReweighting(WeightingCallback):
@@ -18,21 +66,35 @@ class LossReweighting(WeightingCallback):
     Rules (``rule=``): ``"linupper"``, ``"quadratic"``, ``"extremes"`` — "Dynamic Loss-Based Sample Reweighting
     for Improved LLM Pretraining" (defaults δ = 1, r = 0.4, 1000 uniform warm-up steps); ``"kl_dro"`` — the
     KL-regularised DRO tilt w ∝ exp(ℓ/r) of "Doubly Robust Instance-Reweighted Adversarial Training" (ours:
-    r = 1); ``"uniform"``; or any ``Rule`` instance / name added with ``register_rule``.
+    r = 1; no warm-up, as DONE); ``"uniform"``; or any ``Rule`` instance / name added with ``register_rule``.
     ``direction="down"`` flips the preference towards low-loss samples (noisy labels).
 
     Weights are computed on the losses of the whole global batch (all DDP ranks), so every rank uses the
-    same weights; they average 1, carry no gradient, and are optionally clipped at ``max_weight``.
+    same weights; they carry no gradient and are optionally clipped at ``max_weight``. They average 1,
+    except for ``kl_dro`` with ``normalizer="ema"``, whose scale is DONE's running normaliser.
+
+    Rule-specific arguments (``r``, ``delta``, ``direction``, ``normalizer``, ``ema_rate``) default to
+    ``None`` = the chosen rule's default. One the chosen rule does not take is ignored with a warning when
+    its value is another rule's default (so a recipe's ``delta: 1.0`` survives switching to ``kl_dro``),
+    and raises otherwise.
+
+    A step whose weights' effective sample size falls below ``min_ess_frac`` of the batch warns (once per
+    episode) and counts in the logged scalar ``<prefix>/ess_collapsed_steps``; ESS is Kish's
+    ``(Σw)²/Σw²``, for the EMA normaliser ``min((Σw)²/Σw², Σw)`` (uniformly tiny weights collapse too).
 
     Args:
         rule: rule name or ``Rule`` object.
-        r: temperature / KL regulariser (rule default if ``None``).
-        delta: score half-width δ for the loss-based rules.
+        r: temperature / KL regulariser (rule default if ``None``: 0.4 loss-based rules, 1.0 ``kl_dro``).
+        delta: score half-width δ for the loss-based rules (default 1).
         direction: ``"up"`` or ``"down"`` (rule default ``"up"`` if ``None``).
-        normalizer: ``"batch"`` or ``"ema"`` (``kl_dro`` only).
+        normalizer: ``"batch"`` or ``"ema"`` (``kl_dro`` only; default ``"batch"``).
+        ema_rate: rate of the EMA normaliser (``kl_dro`` only; default 0.1).
         warmup_steps: uniform weights for the first ``warmup_steps`` optimizer steps (statistics are still
-            recorded). Paper default 1000; lower it for short runs.
-        max_weight: clip weights at this multiple of the mean, then renormalise (``None``: no clip).
+            recorded). ``None``: the rule's own default (1000 for the loss-based rules as their paper, 0 for
+            ``kl_dro`` and ``uniform``); lower it for short runs.
+        max_weight: clip weights at this multiple of the mean (``None``: no clip). Mean-1 rules are
+            renormalised to mean 1 after the clip; the EMA normaliser's weights are only clipped.
+        min_ess_frac: warn when the effective sample size falls below this fraction of the batch (0 disables).
         **kwargs: ``WeightingCallback`` options (``num_samples``, ``track_samples``, ``log_every_n_steps``, ...).
 
     Example::
@@ -49,8 +111,10 @@ class LossReweighting(WeightingCallback):
         delta: float | None = None,
         direction: Literal["up", "down"] | None = None,
         normalizer: Literal["batch", "ema"] | None = None,
-        warmup_steps: int = 1000,
+        ema_rate: float | None = None,
+        warmup_steps: int | None = None,
         max_weight: float | None = None,
+        min_ess_frac: float = 0.1,
         num_samples: int | None = None,
         track_samples: bool = True,
         ema_decay: float = 0.9,
@@ -59,35 +123,118 @@ class LossReweighting(WeightingCallback):
         name: str | None = None,
     ):
         super().__init__(num_samples, track_samples, ema_decay, log_every_n_steps, log_histogram, name)
+        given = dict(r=r, delta=delta, direction=direction, normalizer=normalizer, ema_rate=ema_rate)
         if isinstance(rule, Rule):
+            set_args = sorted(k for k, v in given.items() if v is not None)
+            if set_args:
+                raise ValueError(
+                    f"Expected the rule's arguments on the `Rule` object, but got {set_args} next to "
+                    f"{type(rule).__name__}. Pass them to the rule, or pass the rule by name."
+                )
             self.rule = rule
         else:
             if rule not in RULES:
                 raise ValueError(f"Unknown weight rule {rule!r}. Expected one of {sorted(RULES)}.")
-            kwargs = {k: v for k, v in dict(r=r, delta=delta, direction=direction, normalizer=normalizer).items()
-                      if v is not None}
+            kwargs, ignored = resolve_rule_arguments(rule, given)
+            if ignored:
+                rank_zero_warn(f"LossReweighting(rule={rule!r}) ignores {', '.join(ignored)}: rule {rule!r} does "
+                               "not take it (it is another rule's default, e.g. left over in a config).")
             self.rule = create_rule(rule, **kwargs)
-        if warmup_steps < 0:
-            raise ValueError(f"Expected argument `warmup_steps` to be >= 0, but got {warmup_steps!r}.")
+        if warmup_steps is None:
+            warmup_steps = int(getattr(self.rule, "default_warmup_steps", 0))
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Expected argument `warmup_steps` to be an int >= 0 or None, but got {warmup_steps!r}.")
         if max_weight is not None and not max_weight >= 1:
             raise ValueError(f"Expected argument `max_weight` to be >= 1 (a multiple of the mean weight), but got {max_weight!r}.")
+        if not isinstance(min_ess_frac, (int, float)) or not 0 <= min_ess_frac <= 1:
+            raise ValueError(f"Expected argument `min_ess_frac` to be in [0, 1], but got {min_ess_frac!r}.")
         self.rule_name = rule if isinstance(rule, str) else type(rule).__name__
         self.warmup_steps = warmup_steps
         self.max_weight = max_weight
+        self.min_ess_frac = float(min_ess_frac)
         self.normalized = self.rule.normalized
+        self._skip_validation = "validate" in inspect.signature(self.rule.propose).parameters
+        self.ess_collapsed_steps = 0
+        self._pending: tuple[GlobalBatch, Any, bool] | None = None
+        self._collapsed = False
+        self.last_ess: float | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(rule=self.rule_name, name=self.name)
 
+    def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
+        self._pending = None  # a proposal of an earlier, rejected step is never committed
+        super().validate_batch(batch, trainer)
+
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-        weights = self.rule(batch.losses)  # rule state (e.g. an EMA normaliser) advances during warm-up too
+        # pure: the rule's state change (e.g. the EMA normaliser, which advances during warm-up too) is
+        # committed in ``on_weights_computed``, after every callback's weights were accepted
+        weights, pending = self._propose(batch.losses)
         if batch.global_step < self.warmup_steps:
+            self._pending = (batch, pending, False)
             return torch.ones_like(weights)
-        return clip_weights(weights, self.max_weight)
+        weights = clip_weights(weights, self.max_weight, renormalize=self.rule.normalized)
+        ess, collapsed = None, False
+        if self.min_ess_frac > 0:
+            ess = float(effective_sample_size(weights, unit_mass=not self.rule.normalized))
+            collapsed = ess < self.min_ess_frac * len(batch)
+        self._pending = (batch, pending, collapsed)
+        self.last_ess = ess
+        return weights
+
+    def _propose(self, losses: Tensor) -> tuple[Tensor, Any]:
+        # ``reduce_loss`` validated the losses already (1-D, finite): skip the rule's second check when it can
+        if self._skip_validation:
+            return self.rule.propose(losses, validate=False)
+        return self.rule.propose(losses)
+
+    def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
+                            pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
+            self.rule.commit(pending[1])
+            collapsed = pending[2]
+            if collapsed:
+                self.ess_collapsed_steps += 1
+                if not self._collapsed:
+                    rank_zero_warn(
+                        f"LossReweighting({self.rule_name!r}): the weights' effective sample size fell to "
+                        f"{self.last_ess:.3g} of {len(batch)} samples at step {batch.global_step} (below "
+                        f"min_ess_frac={self.min_ess_frac}); a few samples (or none) drive the update. Raise `r`, "
+                        "set `max_weight`, or check for outlier losses. (Warned once per episode; counted in "
+                        f"`{self.prefix}/ess_collapsed_steps`.)"
+                    )
+            self._collapsed = collapsed
+        super().on_weights_computed(batch, weights, trainer, pl_module)
+
+    def log_extras(self) -> dict[str, float]:
+        out = {"ess_collapsed_steps": float(self.ess_collapsed_steps)}
+        log_z = getattr(self.rule, "log_normalizer", None)
+        if log_z is not None:
+            out["log_normalizer"] = float(log_z)
+        return out
 
     def extra_state(self) -> dict[str, Any]:
-        return {"rule": self.rule.state_dict()}
+        return {"rule": self.rule.state_dict(), "ess_collapsed_steps": self.ess_collapsed_steps}
+
+    def _read_extra(self, state: Any) -> tuple[Rule, int]:
+        """Validate a checkpoint's extra state into a restored copy of the rule; assigns nothing."""
+        where = f"LossReweighting[{self.state_key}]['extra']"
+        if not isinstance(state, dict):
+            raise CheckpointStateError(where, None, f"expected a dict, but got {type(state).__name__}.")
+        collapsed = as_int(state, "ess_collapsed_steps", where, minimum=0) if "ess_collapsed_steps" in state else 0
+        rule = copy.deepcopy(self.rule)  # a rule is small (no per-sample state)
+        try:
+            rule.load_state_dict(state.get("rule", {}))
+        except CheckpointStateError as err:
+            raise CheckpointStateError(f"{where}['rule']", err.key, str(err).split(": ", 1)[-1], fix="") from err
+        return rule, collapsed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # validate the extra state first, so a bad entry leaves the table and the rule untouched
+        self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)
+        super().load_state_dict(state_dict)
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.rule.load_state_dict(state.get("rule", {}))
+        self.rule, self.ess_collapsed_steps = self._read_extra(state)

@@ -302,14 +302,18 @@ class SegmentationModule(pl.LightningModule):
         group, sparse = batch.get("group"), batch.get("sparse")
         logits, feat = self.forward_features(x)
         sup = self.supervised_losses(logits, mask)
-        dice = self.dice_loss(logits, mask, group)
         extras: dict[str, Tensor] = {}
         if "image2" in batch:
             logits2, feat2 = self.forward_features(batch["image2"])
             sup = 0.5 * (sup + self.supervised_losses(logits2, batch["mask2"]))
-            dice = 0.5 * (dice + self.dice_loss(logits2, batch["mask2"], group))
+            if getattr(self.dice_loss, "supports_views", False):  # stateful (FEBS): one update per sample
+                dice = self.dice_loss(logits, mask, group, logits2=logits2, target2=batch["mask2"])
+            else:
+                dice = 0.5 * (self.dice_loss(logits, mask, group) + self.dice_loss(logits2, batch["mask2"], group))
             extras["consistency"] = self.consistency_losses(feat, feat2)
             self._warn_unused_consistency()
+        else:
+            dice = self.dice_loss(logits, mask, group)
         if sparse is not None:
             extras["sparse"] = sparse
         reduced = reduce_loss(self, sup, batch.get("index"), group=group, **extras)

@@ -1,9 +1,12 @@
 """What decides weights: pure functions, no Lightning.
 
 * ``instance`` — per-sample losses -> weights (LinUpper / Quadratic / Extremes, KL-DRO); ``create_rule(name,
-  **kwargs)`` builds one from the registry ``RULES`` (an unknown name raises with the valid ones). A rule is a
-  callable ``rule(losses) -> weights`` with ``state_dict``/``load_state_dict`` for anything it keeps.
-* ``balance`` — class/group temperature distributions, upweight factors, the Cooldown schedule.
+  **kwargs)`` builds one from the registry ``RULES`` (an unknown name raises with the valid ones;
+  ``rule_arguments(name)`` lists the arguments a rule takes). A rule is a callable ``rule(losses) -> weights``
+  with ``state_dict``/``load_state_dict`` for anything it keeps; a stateful rule splits a step into a pure
+  ``propose(losses) -> (weights, pending)`` and ``commit(pending)``, so a rejected step changes nothing.
+* ``balance`` — class/group temperature distributions, upweight factors, the Cooldown schedule, and
+  ``check_groups``, the one validator of group/class ids (re-exported by ``fairness``).
 * ``importance`` — importance-sampling scores, probabilities with a uniform floor, unbiasing weights.
 * ``fairness`` — GroupDRO and FEBS group weights, FEBS-Dice.
 * ``adawac`` — AdaWAC's mirror-descent step.
@@ -39,6 +42,7 @@ from lightning_reweight.rules.registry import (
     UniformRule,
     create_rule,
     register_rule,
+    rule_arguments,
 )
 from lightning_reweight.rules.tta import eata_select, entropy_margin, fisher_penalty, softmax_entropy
 
@@ -66,6 +70,7 @@ __all__ = [
     "KLDRORule",
     "create_rule",
     "register_rule",
+    "rule_arguments",
     "clip_weights",
     "effective_sample_size",
     "extremes_score",

@@ -101,8 +101,9 @@ def _step_log_ratio(beta_sup: Tensor, beta_cons: Tensor, step: Tensor) -> tuple[
 
 
 def adawac_update(
-    beta_sup: Tensor, beta_cons: Tensor, index: Tensor, loss_sup: Tensor, loss_cons: Tensor, eta: float = 8.0
-) -> tuple[Tensor, Tensor, Tensor]:
+    beta_sup: Tensor, beta_cons: Tensor, index: Tensor, loss_sup: Tensor, loss_cons: Tensor, eta: float = 8.0,
+    return_inverse: bool = False,
+) -> tuple[Tensor, ...]:
     """The mirror step for a (global) batch read from and meant for per-sample columns of length N.
 
     Args:
@@ -112,10 +113,12 @@ def adawac_update(
         loss_sup: ``(B,)`` detached supervised losses.
         loss_cons: ``(B,)`` detached consistency losses.
         eta: step size ``η``.
+        return_inverse: also return each batch position's place in ``rows`` (``new[inverse]`` are the batch's
+            weights in batch order).
 
     Returns:
-        ``(rows, new_beta_sup, new_beta_cons)``: the distinct indices of the batch and their updated weights;
-        write them back with ``column[rows] = new``.
+        ``(rows, new_beta_sup, new_beta_cons)`` (plus ``inverse`` when asked): the distinct indices of the batch
+        and their updated weights; write them back with ``column[rows] = new``.
     """
     eta = check_eta(eta)
     _check_pair("loss_sup", loss_sup, "loss_cons", loss_cons)
@@ -128,4 +131,4 @@ def adawac_update(
     diff = loss_sup.detach().double().cpu() - loss_cons.detach().double().cpu()
     step = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, inverse, eta * diff)
     new_sup, new_cons = _step_log_ratio(beta_sup[rows], beta_cons[rows], step)
-    return rows, new_sup, new_cons
+    return (rows, new_sup, new_cons, inverse) if return_inverse else (rows, new_sup, new_cons)

@@ -83,26 +83,74 @@ def group_counts(groups: Tensor, num_groups: int | None = None) -> Tensor:
     return torch.bincount(groups, minlength=num_groups or 0).to(torch.float64)
 
 
-def check_groups(groups: Tensor, num_groups: int | None = None, name: str = "groups") -> Tensor:
-    """Validate per-sample group ids: 1-D, integer, in ``[0, num_groups)``. Returns a CPU long tensor."""
+def check_groups(
+    groups: Tensor | Sequence[int] | np.ndarray,
+    num_groups: int | None = None,
+    ignore_index: int | None = None,
+    name: str = "groups",
+    *,
+    allow_empty: bool = False,
+) -> Tensor:
+    """The one validator of per-sample group (or class) ids; returns them as int64 on their device.
+
+    Valid ids are ``0 .. num_groups − 1`` (any id ``>= 0`` when ``num_groups`` is ``None``) and
+    ``ignore_index`` when it is not ``None`` (negative, e.g. −1, or ``>= num_groups``, e.g. 255).
+
+    Raises:
+        TypeError: float, bool or complex ids (``0.9`` must not silently become group 0), or not array-like.
+        ValueError: not 1-D, empty (unless ``allow_empty``), ``num_groups`` not a positive int, an
+            ``ignore_index`` that is also a valid group id, or an id outside the valid set (the message
+            names the bad ids and the fix).
+    """
     if not isinstance(groups, Tensor):
-        groups = torch.as_tensor(np.asarray(groups))
-    if groups.ndim != 1 or groups.numel() == 0:
+        try:
+            groups = torch.as_tensor(np.asarray(groups))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"Expected argument `{name}` to be a tensor of integer ids, but got {groups!r}.") from err
+    if num_groups is not None and (not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1):
+        raise ValueError(f"Expected argument `num_groups` to be a positive int, but got {num_groups!r}.")
+    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+        raise TypeError(
+            f"Expected argument `{name}` to hold integer ids, but got dtype {groups.dtype}. Convert the ids "
+            f"explicitly (e.g. `{name}.long()` after checking they are whole numbers); float or bool ids are "
+            "refused because a cast would silently truncate them (0.9 -> 0)."
+        )
+    if groups.ndim != 1 or (groups.numel() == 0 and not allow_empty):
         raise ValueError(
             f"Expected argument `{name}` to be a non-empty 1-D tensor (one id per sample), but got shape "
             f"{tuple(groups.shape)}."
         )
-    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
-        raise TypeError(f"Expected argument `{name}` to hold integer ids, but got dtype {groups.dtype}.")
-    groups = groups.detach().to("cpu", torch.long)
-    lo, hi = int(groups.min()), int(groups.max())
-    if lo < 0:
+    if ignore_index is not None and num_groups is not None and 0 <= ignore_index < num_groups:
         raise ValueError(
-            f"Expected argument `{name}` to hold ids >= 0, but got {lo}. Drop or relabel samples with an unknown "
-            "group (e.g. -1) before balancing."
+            f"Expected `ignore_index` outside the group ids [0, {num_groups}), but got {ignore_index}. Use a "
+            "negative id (e.g. -1) or one >= num_groups (e.g. 255)."
         )
-    if num_groups is not None and hi >= num_groups:
-        raise ValueError(f"Expected argument `{name}` to hold ids < num_groups={num_groups}, but got {hi}.")
+    groups = groups.detach().long()
+    if groups.numel() == 0:
+        return groups
+    if ignore_index is None:
+        lo, hi = groups.aminmax()
+        lo, hi = int(lo), int(hi)
+        if lo < 0:
+            raise ValueError(
+                f"Expected argument `{name}` to hold ids >= 0, but got {lo}. Drop or relabel samples with an "
+                "unknown group (e.g. -1) before balancing, or pass `ignore_index` where it is supported."
+            )
+        if num_groups is not None and hi >= num_groups:
+            raise ValueError(
+                f"Expected argument `{name}` to hold ids < num_groups={num_groups}, but got {hi}. Set "
+                "`num_groups` to the number of groups in the data set (max id + 1)."
+            )
+        return groups
+    bad = (groups < 0) | (groups >= num_groups) if num_groups is not None else groups < 0
+    bad &= groups != ignore_index
+    if bool(bad.any()):
+        values = torch.unique(groups[bad])[:5].tolist()
+        allowed = (f"[0, {num_groups})" if num_groups is not None else ">= 0") + f" or ignore_index={ignore_index}"
+        raise ValueError(
+            f"Expected argument `{name}` to hold ids in {allowed}, but got {values}. Set `num_groups` to the "
+            "number of groups in the data set (max id + 1) and mark unknown groups with the ignore_index."
+        )
     return groups
 
 

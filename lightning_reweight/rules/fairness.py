@@ -24,10 +24,14 @@ only where stated.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_reweight.rules.balance import check_groups
 
 __all__ = [
     "check_groups",
@@ -48,36 +52,24 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- groups
-def check_groups(group: Tensor, num_groups: int, ignore_index: int | None = -1, name: str = "group") -> Tensor:
-    """Validate per-sample group ids and return them as int64.
+# ``check_groups`` is the one group-id validator (``rules.balance``), re-exported here.
 
-    Valid ids are ``0 .. num_groups − 1`` and ``ignore_index`` (when not ``None``).
 
-    Raises:
-        TypeError: ``group`` is not an integer tensor.
-        ValueError: ``group`` is not 1-D, or holds an id outside the valid set (the message lists them and
-            the fix).
-    """
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise ValueError(f"Expected argument `num_groups` to be a positive int, but got {num_groups!r}.")
-    if not isinstance(group, Tensor):
-        raise TypeError(f"Expected argument `{name}` to be a torch.Tensor of group ids, but got {type(group).__name__}.")
-    if group.is_floating_point() or group.is_complex() or group.dtype == torch.bool:
-        raise TypeError(f"Expected argument `{name}` to hold integer group ids, but got dtype {group.dtype}.")
-    if group.ndim != 1:
-        raise ValueError(f"Expected argument `{name}` to be 1-D (one id per sample), but got shape {tuple(group.shape)}.")
-    group = group.long()
-    bad = (group < 0) | (group >= num_groups)
-    if ignore_index is not None:
-        bad &= group != ignore_index
-    if bool(bad.any()):
-        values = torch.unique(group[bad])[:5].tolist()
-        allowed = f"[0, {num_groups})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-        raise ValueError(
-            f"Expected argument `{name}` to hold ids in {allowed}, but got {values}. Set `num_groups` to the "
-            "number of groups in the data set (max id + 1) and mark unknown groups with the ignore_index."
-        )
-    return group
+def _xp(x: Any) -> Any:
+    """The array module of ``x``: the per-group kernels run on torch tensors or, on the CPU hot path of
+    the callbacks (a handful of groups, where torch's per-op overhead dominates), on numpy arrays."""
+    return np if isinstance(x, np.ndarray) else torch
+
+
+def _f64(x: Any) -> Any:
+    return x.astype(np.float64, copy=False) if isinstance(x, np.ndarray) else x.detach().to(torch.float64)
+
+
+def _bucket(group: Tensor, num_groups: int, ignore_index: int | None) -> Tensor:
+    """Ids with every ``ignore_index`` sample sent to the extra bucket ``num_groups`` (no masked copies)."""
+    if ignore_index is None:
+        return group
+    return torch.where(group == ignore_index, torch.full_like(group, num_groups), group)
 
 
 def group_sums(
@@ -92,11 +84,12 @@ def group_sums(
     Returns:
         ``sums`` of shape ``(num_groups, ...)`` and ``counts`` of shape ``(num_groups,)`` (int64).
     """
-    if ignore_index is not None:
-        keep = group != ignore_index
-        values, group = values[keep], group[keep]
-    sums = values.new_zeros((num_groups, *values.shape[1:])).index_add_(0, group, values)
-    counts = torch.bincount(group, minlength=num_groups)
+    idx = _bucket(group, num_groups, ignore_index)
+    counts = torch.bincount(idx, minlength=num_groups + 1)[:num_groups]
+    if values.ndim == 1:
+        sums = torch.bincount(idx, weights=values, minlength=num_groups + 1)[:num_groups].to(values.dtype)
+    else:
+        sums = values.new_zeros((num_groups + 1, *values.shape[1:])).index_add_(0, idx, values)[:num_groups]
     return sums, counts
 
 
@@ -115,11 +108,13 @@ def update_group_errors(
     """Running per-group errors: ``e_g ← (1 − m)·e_g + m·e_g^batch`` for groups present in the batch.
 
     A group's first observation sets its value; absent groups keep theirs. ``momentum = 1`` keeps only the
-    current batch (FairSeg's per-batch rule). Returns new ``(errors, seen)`` tensors.
+    current batch (FairSeg's per-batch rule). Returns new ``(errors, seen)`` (torch tensors or numpy arrays,
+    as given).
     """
-    batch_errors = batch_errors.to(errors.dtype)
-    blended = torch.where(seen, (1 - momentum) * errors + momentum * batch_errors, batch_errors)
-    return torch.where(present, blended, errors), seen | present
+    xp = _xp(errors)
+    batch_errors = batch_errors.astype(errors.dtype) if xp is np else batch_errors.to(errors.dtype)
+    blended = xp.where(seen, (1 - momentum) * errors + momentum * batch_errors, batch_errors)
+    return xp.where(present, blended, errors), seen | present
 
 
 # ------------------------------------------------------------------------------------------------ FEBS
@@ -127,35 +122,43 @@ def febs_group_scales(errors: Tensor, present: Tensor, gamma: float = 1.0, eps: 
     """FEBS scales ``w_g = tanh((min_{h present} L_h / L_g)^γ)`` for present groups, 1 for absent ones.
 
     The min runs over the groups present in the batch only (ours; see the module docstring). A group with
-    error 0 gets ratio 1 (it is the easiest). ``eps`` guards the division.
+    error 0 gets ratio 1 (it is the easiest). ``eps`` guards the division. Float64 torch tensor or numpy
+    array, as given.
     """
-    errors = errors.detach().double()
+    xp = _xp(errors)
+    errors = _f64(errors)
     if not bool(present.any()):
-        return torch.ones_like(errors)
+        return xp.ones_like(errors)
     lo = errors[present].min()
-    ratio = torch.where(errors > eps, lo / errors.clamp_min(eps), torch.ones_like(errors))
-    scales = torch.tanh(ratio.clamp_min(0) ** gamma)
-    return torch.where(present, scales, torch.ones_like(scales))
+    ratio = xp.where(errors > eps, lo / errors.clip(min=eps), xp.ones_like(errors))
+    scales = xp.tanh(ratio.clip(min=0) ** gamma)
+    return xp.where(present, scales, xp.ones_like(scales))
 
 
 def febs_loss_multipliers(
-    scales: Tensor, group: Tensor, ignore_index: int | None = -1, min_scale: float = 1e-6
+    scales: Tensor, group: Tensor, ignore_index: int | None = -1, min_scale: float = 1e-6,
+    counts: Tensor | None = None,
 ) -> Tensor:
     """Per-sample loss multipliers for classification: ``m_i ∝ 1/w_{g_i}``, mean 1 over grouped samples.
 
     This is our generalisation of FEBS to losses without a Dice term (scaling a probability inside
     cross-entropy only adds a constant, and ``w_g`` used directly would down-weight the hard groups).
     Samples with ``ignore_index`` keep multiplier 1, so the batch mean stays exactly 1. Scales are floored at
-    ``min_scale`` to keep the multipliers finite.
+    ``min_scale`` to keep the multipliers finite. ``counts`` (per-group sample counts of this batch) saves
+    recounting them.
     """
-    m = torch.ones(group.shape[0], dtype=torch.float32, device=group.device)
-    keep = group != ignore_index if ignore_index is not None else torch.ones_like(group, dtype=torch.bool)
-    if not bool(keep.any()):
-        return m
-    inv = 1.0 / scales.to(group.device).double().clamp_min(min_scale)
-    raw = inv[group[keep]]
-    m[keep] = (raw / raw.mean()).float()
-    return m
+    num_groups = scales.shape[0]
+    idx = _bucket(group, num_groups, ignore_index)
+    if counts is None:
+        counts = torch.bincount(idx, minlength=num_groups + 1)[:num_groups]
+    counts = counts.to(scales.device, torch.float64)
+    total = float(counts.sum())
+    if total == 0:
+        return torch.ones(group.shape[0], dtype=torch.float32, device=group.device)
+    inv = 1.0 / scales.double().clamp_min(min_scale)
+    mean = (inv * counts).sum() / total
+    per_group = torch.cat([inv / mean, inv.new_ones(1)])  # the extra bucket: ignore_index samples keep 1
+    return per_group.to(group.device)[idx].float()
 
 
 def check_class_ids(target: Tensor, num_classes: int) -> Tensor:
@@ -285,11 +288,10 @@ def febs_dice_loss(
 
 
 def sample_scales(scales: Tensor, group: Tensor, ignore_index: int | None = -1) -> Tensor:
-    """Each sample's group scale (1 for ``ignore_index`` samples)."""
+    """Each sample's group scale (1 for ``ignore_index`` samples, negative or ``>= num_groups`` such as 255)."""
     s = scales.to(group.device)
-    if ignore_index is None:
-        return s[group]
-    return torch.where(group == ignore_index, torch.ones((), dtype=s.dtype, device=s.device), s[group.clamp_min(0)])
+    ext = torch.cat([s, s.new_ones(1)])
+    return ext[_bucket(group, s.shape[0], ignore_index)]
 
 
 # -------------------------------------------------------------------------------------------- GroupDRO
@@ -334,30 +336,32 @@ def group_dro_update(q: Tensor, group_losses: Tensor, step_size: float = 0.01, a
     """One exponentiated-gradient step ``q ← q·exp(η·(ℓ_g + adj_g)) / Σ``.
 
     ``group_losses`` holds 0 for groups absent from the batch (official code), so their ``q`` decays
-    relative to the others. Computed in log space for stability.
+    relative to the others. Computed in log space (float64) for stability; torch tensors or numpy arrays.
     """
-    adjusted = group_losses.to(torch.float64)
+    xp = _xp(q)
+    adjusted = _f64(group_losses)
     if adjustment is not None:
-        adjusted = adjusted + adjustment.to(adjusted)
-    logits = torch.log(q.to(torch.float64)) + step_size * adjusted
-    return torch.softmax(logits, dim=0)
+        adjusted = adjusted + (adjustment if xp is np else adjustment.to(adjusted))
+    logits = xp.log(_f64(q)) + step_size * adjusted
+    e = xp.exp(logits - logits.max())
+    return e / e.sum()
 
 
 def group_dro_sample_weights(
-    q: Tensor, group: Tensor, num_groups: int, ignore_index: int | None = -1
+    q: Tensor, group: Tensor, num_groups: int, ignore_index: int | None = -1, counts: Tensor | None = None
 ) -> Tensor:
     """Per-sample weights ``w_i = q_{g_i}·B / n_{g_i}`` (``n_g`` = count of group g in this batch).
 
     Derivation: with ``ℓ̄_g = (1/n_g) Σ_{i∈g} ℓ_i``,
     ``(1/B) Σ_i w_i ℓ_i = (1/B) Σ_g (q_g B / n_g) Σ_{i∈g} ℓ_i = Σ_g q_g ℓ̄_g`` — the GroupDRO objective
     (absent groups contribute 0, as the official code). ``ignore_index`` samples get weight 0 (they belong
-    to no group of the objective). The weights average ``Σ_{g present} q_g ≤ 1``, not 1.
+    to no group of the objective). The weights average ``Σ_{g present} q_g ≤ 1``, not 1. ``counts`` (this
+    batch's per-group counts) saves recounting them.
     """
     b = group.shape[0]
-    counts = torch.bincount(group[group != ignore_index] if ignore_index is not None else group, minlength=num_groups)
-    per_group = q.to(torch.float64).to(group.device) * b / counts.clamp_min(1).to(torch.float64)
-    w = per_group[group.clamp_min(0)]
-    if ignore_index is not None:
-        w = torch.where(group == ignore_index, torch.zeros_like(w), w)
-    return w.float()
-
+    idx = _bucket(group, num_groups, ignore_index)
+    if counts is None:
+        counts = torch.bincount(idx, minlength=num_groups + 1)[:num_groups]
+    per_group = q.to(torch.float64) * b / counts.to(q.device).clamp_min(1).to(torch.float64)
+    per_group = torch.cat([per_group, per_group.new_zeros(1)])  # the extra bucket: ignore_index -> 0
+    return per_group.to(group.device)[idx].float()

@@ -92,8 +92,13 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
         return
     index = index.reshape(-1).to(values.device, torch.long)
     new = new.detach().reshape(-1).to(values.device, torch.float64)
-    order = torch.sort(index, stable=True).indices
-    idx_s, new_s = index[order], new[order]
+    idx_s, order = torch.sort(index, stable=True)
+    if not bool((idx_s[1:] == idx_s[:-1]).any()):  # no repeats (the common case): one vectorised step
+        old = values[index].to(torch.float64)
+        values[index] = torch.where(seen[index], (1.0 - rate) * old + rate * new, new).to(values.dtype)
+        seen[index] = True
+        return
+    new_s = new[order]
     uniq, inverse, counts = torch.unique_consecutive(idx_s, return_inverse=True, return_counts=True)
     starts = counts.cumsum(0) - counts
     pos = torch.arange(idx_s.numel(), device=idx_s.device) - starts[inverse]  # 0-based occurrence number

@@ -71,10 +71,16 @@ def check_losses(losses: Tensor) -> Tensor:
 def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> Tensor:
     """Map losses into ``[−δ, δ]``: ``δ(2ℓ − ℓ_max − ℓ_min) / max(ℓ_max − ℓ_min, eps)``.
 
-    All-equal losses map to 0 (then every strategy gives uniform weights).
+    All-equal losses map to 0 (then every strategy gives uniform weights). The range and the scale are
+    Python floats and the result is formed as ``ℓ·(2δ/range) − (ℓ_max + ℓ_min)·δ/range`` (float64 when that
+    could overflow), so finite but huge losses (e.g. ``3e38`` in float32) cannot overflow
+    ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
-    lo, hi = losses.min(), losses.max()
-    return delta * (2 * losses - hi - lo) / torch.clamp(hi - lo, min=eps)
+    lo, hi = (float(v) for v in losses.aminmax())
+    scale = delta / max(hi - lo, eps)  # Python floats: no overflow for huge finite losses
+    # 2·scale·ℓ stays within ±(2δ + |ℓ_max + ℓ_min|·scale); compute in float64 only if that could overflow
+    x = losses if max(abs(hi), abs(lo)) * 2 * scale < 1e30 else losses.double()
+    return x.mul(2 * scale).sub_((hi + lo) * scale).to(losses.dtype)
 
 
 def linupper_score(x: Tensor, delta: float = 1.0) -> Tensor:
@@ -96,9 +102,13 @@ _SCORES = {"linupper": linupper_score, "quadratic": quadratic_score, "extremes":
 
 
 def softmax_weights(scores: Tensor, temperature: float) -> Tensor:
-    """``B · softmax(scores / temperature)``: non-negative, mean 1, max-subtracted for stability."""
+    """``B · softmax(scores / temperature)``: non-negative, mean 1, max-subtracted for stability.
+
+    Computed in the scores' dtype (``torch.softmax`` subtracts the max; pass float64 scores when
+    ``scores / temperature`` could overflow, as the KL-DRO tilt does).
+    """
     z = scores / temperature
-    return torch.softmax(z - z.max(), dim=0) * scores.numel()
+    return torch.softmax(z, dim=0).mul_(scores.numel()).to(scores.dtype)  # softmax subtracts the max itself
 
 
 def loss_based_weights(
@@ -126,10 +136,16 @@ def kl_dro_weights(
     With ``log_normalizer=None`` ``Z`` is the batch mean (weights average exactly 1); otherwise ``Z =
     exp(log_normalizer)`` (e.g. a running estimate of ``mean_i exp(±ℓ_i/r)`` over the data set).
     """
-    z = losses / r if direction == "up" else -losses / r
+    z = _tilt(losses, r, direction)
     if log_normalizer is None:
-        return softmax_weights(z, 1.0)
-    return torch.exp(z - log_normalizer)
+        return softmax_weights(z, 1.0).to(losses.dtype)
+    return torch.exp(z - float(log_normalizer)).to(losses.dtype)
+
+
+def _tilt(losses: Tensor, r: float, direction: Direction) -> Tensor:
+    """``±ℓ/r`` in float64 (no overflow for huge finite losses)."""
+    z = losses.double() / r
+    return z if direction == "up" else -z
 
 
 def log_mean_exp(z: Tensor) -> Tensor:
@@ -137,15 +153,30 @@ def log_mean_exp(z: Tensor) -> Tensor:
     return torch.logsumexp(z, dim=0) - math.log(z.numel())
 
 
-def clip_weights(weights: Tensor, max_weight: float | None) -> Tensor:
-    """Clip weights at ``max_weight`` (in mean-1 units), then renormalise to mean 1 once."""
+def clip_weights(weights: Tensor, max_weight: float | None, renormalize: bool = True) -> Tensor:
+    """Clip weights at ``max_weight`` (in mean-1 units), then (``renormalize=True``) renormalise to mean 1 once.
+
+    ``renormalize=False`` only clips: for weights whose scale is part of the method (KL-DRO with the EMA
+    normaliser), where renormalising would cancel the normaliser.
+    """
     if max_weight is None:
         return weights
     clipped = torch.clamp(weights, max=max_weight)
+    if not renormalize:
+        return clipped
     return clipped * (weights.numel() / clipped.sum().clamp_min(1e-12))
 
 
-def effective_sample_size(weights: Tensor) -> Tensor:
-    """Kish's effective sample size ``(Σw)² / Σw²`` (equals B for uniform weights)."""
-    w = weights.detach().float()
-    return w.sum().square() / w.square().sum().clamp_min(1e-30)
+def effective_sample_size(weights: Tensor, unit_mass: bool = False) -> Tensor:
+    """Kish's effective sample size ``(Σw)² / Σw²`` (equals B for uniform weights).
+
+    With ``unit_mass=True`` (weights whose scale matters, e.g. KL-DRO with the EMA normaliser) it is
+    ``min((Σw)² / Σw², Σw)``: also the number of unit-weight samples the batch's total weight is worth,
+    so uniformly tiny weights (every sample counts ~0) show up as a collapse too.
+    """
+    w = weights.detach().double()
+    total = w.sum()
+    ess = total.square() / w.dot(w).clamp_min(1e-300)
+    if unit_mass:
+        ess = torch.minimum(ess, total)
+    return ess.float()

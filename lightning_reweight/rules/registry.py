@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -12,11 +14,13 @@ from torch import Tensor
 
 from lightning_reweight.rules.instance import (
     Direction,
+    _tilt,
     check_losses,
     kl_dro_weights,
     log_mean_exp,
     loss_based_weights,
 )
+from lightning_reweight.state.validate import CheckpointStateError, as_float
 
 
 def _check_direction(direction: str) -> None:
@@ -30,13 +34,34 @@ def _check_positive(name: str, value: float) -> None:
 
 
 class Rule:
-    """Base rule: ``rule(losses) -> weights``. Stateless unless a subclass overrides the state methods."""
+    """Base rule: ``rule(losses) -> weights``. Stateless unless a subclass overrides the state methods.
+
+    Stateful rules split a step in two, so a step whose weights are rejected later changes nothing:
+    ``propose(losses) -> (weights, pending)`` is pure, ``commit(pending)`` applies the state change.
+    ``rule(losses)`` does both (the functional convenience).
+    """
 
     #: whether the weights this rule returns average exactly 1 over the batch
     normalized: bool = True
+    #: uniform-weight warm-up steps ``LossReweighting`` uses when ``warmup_steps=None``
+    default_warmup_steps: int = 0
 
     def __call__(self, losses: Tensor) -> Tensor:
-        return self.weights(check_losses(losses))
+        weights, pending = self.propose(losses)
+        self.commit(pending)
+        return weights
+
+    def propose(self, losses: Tensor, validate: bool = True) -> tuple[Tensor, Any]:
+        """Weights for ``losses`` and the state change they imply (``None``: none); changes nothing.
+
+        ``validate=False`` skips the loss checks (1-D, floating, finite) for callers that already made them
+        (``reduce_loss`` does, once per step).
+        """
+        return self.weights(check_losses(losses) if validate else losses), None
+
+    def commit(self, pending: Any) -> None:
+        """Apply the state change ``propose`` returned."""
+        return None
 
     def weights(self, losses: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -69,6 +94,9 @@ class LossBasedRule(Rule):
         direction: ``"up"`` (the paper) or ``"down"`` (negated score, for noisy labels).
     """
 
+    #: the paper's code trains with uniform weights for its first 1000 steps (``burnout_steps``)
+    default_warmup_steps = 1000
+
     def __init__(self, strategy: str = "linupper", delta: float = 1.0, r: float = 0.4, direction: Direction = "up"):
         if strategy not in ("linupper", "quadratic", "extremes"):
             raise ValueError(
@@ -86,52 +114,95 @@ class LossBasedRule(Rule):
 class KLDRORule(Rule):
     """KL-regularised DRO tilt ``w ∝ exp(ℓ/r)`` ("Doubly Robust Instance-Reweighted Adversarial Training").
 
+    ``normalizer="ema"`` keeps DONE's running normaliser ``Z ← (1 − a)·Z + a·mean_batch exp(±ℓ/r)`` and
+    returns ``w_i = exp(±ℓ_i/r) / Z``. Everything runs in log space (float64): ``log Z`` is updated with
+    ``logaddexp`` and ``log w = ±ℓ/r − log Z``, so huge losses neither overflow nor turn every weight into
+    exactly 0.
+
+    Ours (a safeguard; DONE's rule whenever it does not bind): once ``Z`` exists, a sample's tilt enters the
+    normaliser and its weight at most ``outlier_cap`` times ``Z`` (``±ℓ/r`` is capped at
+    ``log Z + log(outlier_cap)``). Without it, one outlier loss of +80 at r = 1 multiplies ``Z`` by ~e^73
+    and every later weight is ~1e-32 for ~750 steps (at ``ema_rate=0.1``); +200 makes them exactly 0.
+
     Args:
         r: temperature in loss units (ours: 1.0; the paper gives none).
         direction: ``"up"`` (the paper: hard samples count more) or ``"down"`` (``exp(−ℓ/r)``, noisy labels).
         normalizer: ``"batch"`` (per-batch softmax, weights average 1) or ``"ema"`` (divide by a running
             average of ``mean exp(ℓ/r)``, as the paper's compositional solver tracks it; weights then average
             about, not exactly, 1).
-        ema_rate: rate of that running average (ours: 0.1).
+        ema_rate: rate ``a`` of that running average (ours: 0.1).
+        outlier_cap: cap of a sample's tilt relative to the running normaliser (``"ema"`` only; ``None``
+            disables it).
     """
 
+    #: DONE trains with the tilt from the first step
+    default_warmup_steps = 0
+
     def __init__(
-        self, r: float = 1.0, direction: Direction = "up", normalizer: str = "batch", ema_rate: float = 0.1
+        self, r: float = 1.0, direction: Direction = "up", normalizer: str = "batch", ema_rate: float = 0.1,
+        outlier_cap: float | None = 1e3,
     ):
         _check_positive("r", r)
         _check_direction(direction)
         if normalizer not in ("batch", "ema"):
             raise ValueError(f"Expected argument `normalizer` to be 'batch' or 'ema', but got {normalizer!r}.")
-        if not 0 < ema_rate <= 1:
+        if isinstance(ema_rate, bool) or not isinstance(ema_rate, (int, float)) or not 0 < ema_rate <= 1:
             raise ValueError(f"Expected argument `ema_rate` to be in (0, 1], but got {ema_rate!r}.")
+        if outlier_cap is not None and not (isinstance(outlier_cap, (int, float)) and outlier_cap > 1
+                                            and math.isfinite(outlier_cap)):
+            raise ValueError(f"Expected argument `outlier_cap` to be a finite number > 1 or None, but got {outlier_cap!r}.")
         self.r, self.direction, self.normalizer, self.ema_rate = float(r), direction, normalizer, float(ema_rate)
+        self.outlier_cap = None if outlier_cap is None else float(outlier_cap)
         self.normalized = normalizer == "batch"
         self._log_z: float | None = None
 
-    def weights(self, losses: Tensor) -> Tensor:
+    @property
+    def log_normalizer(self) -> float | None:
+        """``log Z`` of the running normaliser (``None`` before the first step or with ``"batch"``)."""
+        return self._log_z
+
+    def propose(self, losses: Tensor, validate: bool = True) -> tuple[Tensor, Any]:
+        if validate:
+            losses = check_losses(losses)
         if self.normalizer == "batch":
-            return kl_dro_weights(losses, self.r, self.direction)
-        z = losses / self.r if self.direction == "up" else -losses / self.r
+            return kl_dro_weights(losses, self.r, self.direction), None
+        z = _tilt(losses, self.r, self.direction)
+        if self._log_z is not None and self.outlier_cap is not None:
+            z = z.clamp(max=self._log_z + math.log(self.outlier_cap))
         batch_log_z = float(log_mean_exp(z))
         if self._log_z is None or self.ema_rate == 1:
-            self._log_z = batch_log_z
+            log_z = batch_log_z
         else:  # log((1 - a)·Z + a·Z_batch), computed in log space
             a = self.ema_rate
-            self._log_z = float(np.logaddexp(math.log1p(-a) + self._log_z, math.log(a) + batch_log_z))
-        return kl_dro_weights(losses, self.r, self.direction, log_normalizer=self._log_z)
+            log_z = float(np.logaddexp(math.log1p(-a) + self._log_z, math.log(a) + batch_log_z))
+        return torch.exp(z - log_z).to(losses.dtype), log_z
+
+    def commit(self, pending: Any) -> None:
+        if pending is not None:
+            self._log_z = float(pending)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return self.propose(losses)[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_z": self._log_z}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._log_z = state.get("log_z", None)
+        """Restore ``log_z`` (validated first: a finite number or ``None``; a missing key means ``None``)."""
+        where = "KLDRORule"
+        if not isinstance(state, dict):
+            raise CheckpointStateError(where, None, f"expected a dict, but got {type(state).__name__}.")
+        if state and "log_z" not in state:  # an empty dict (no state saved yet) starts fresh
+            raise CheckpointStateError(where, "log_z", f"missing key; present: {sorted(state)}.")
+        log_z = as_float(state, "log_z", where, optional=True) if state else None
+        self._log_z = log_z
 
 
 RULES: dict[str, Callable[..., Rule]] = {
     "uniform": UniformRule,
-    "linupper": lambda **kw: LossBasedRule("linupper", **kw),
-    "quadratic": lambda **kw: LossBasedRule("quadratic", **kw),
-    "extremes": lambda **kw: LossBasedRule("extremes", **kw),
+    "linupper": partial(LossBasedRule, "linupper"),
+    "quadratic": partial(LossBasedRule, "quadratic"),
+    "extremes": partial(LossBasedRule, "extremes"),
     "kl_dro": KLDRORule,
 }
 
@@ -143,10 +214,40 @@ def register_rule(name: str, factory: Callable[..., Rule]) -> None:
     RULES[name] = factory
 
 
-def create_rule(name: str, **kwargs: Any) -> Rule:
-    """Build a registered rule by name, e.g. ``create_rule("linupper", r=0.4)``."""
+def rule_arguments(name: str) -> dict[str, Any] | None:
+    """The keyword arguments rule ``name`` takes, with their defaults (``None``: the factory takes any).
+
+    Example::
+
+        >>> rule_arguments("kl_dro")["r"]
+        1.0
+    """
     if name not in RULES:
         raise ValueError(f"Unknown weight rule {name!r}. Expected one of {sorted(RULES)}.")
+    try:
+        params = inspect.signature(RULES[name]).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def create_rule(name: str, **kwargs: Any) -> Rule:
+    """Build a registered rule by name, e.g. ``create_rule("linupper", r=0.4)``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the registered ones).
+        TypeError: an argument the rule does not take (the message lists the ones it takes).
+    """
+    accepted = rule_arguments(name)
+    if accepted is not None:
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"Bad arguments for rule {name!r}: it takes no argument {unknown}; it takes {sorted(accepted)}."
+            )
     try:
         return RULES[name](**kwargs)
     except TypeError as err:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reweight import IndexedDataset, reduce_loss
+from lightning_reweight.callbacks.base import WeightingCallback
 from tests.helpers import make_trainer  # noqa: F401  (re-exported to the tests here)
 
 
@@ -39,3 +40,16 @@ def make_grouped_loader(n=24, batch_size=8, num_groups=3, seed=0, groups=None, s
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle)
 
 
+
+
+class RejectAt(WeightingCallback):
+    """A later callback whose weights are rejected (negative) at step ``step``: that step must change no state."""
+
+    def __init__(self, step: int):
+        super().__init__(track_samples=False, log_every_n_steps=0)
+        self.step = step
+
+    def compute_weights(self, batch, trainer, pl_module):
+        if batch.global_step == self.step:
+            return -torch.ones(len(batch))
+        return None

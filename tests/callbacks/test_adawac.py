@@ -199,3 +199,42 @@ def test_ddp_tables_identical_and_equal_global_replay(tmp_path):
     local_only, _ = replay(r0["records"], 2.0, n=r0["n"])
     assert not torch.allclose(local_only, s)  # rank 1's rows changed rank 0's table
     torch.testing.assert_close(r0["weight"], r1["weight"])
+
+
+# ------------------------------------------------------------------ lifecycle: atomic steps, validated state
+def test_rejected_step_leaves_the_betas_unchanged(tmp_path):
+    from .fairness_helpers import RejectAt
+
+    cb = AdaWAC(eta=3.0, log_every_n_steps=0)
+    model = TinyPair()
+    t = pl.Trainer(callbacks=[cb, RejectAt(step=1)], max_epochs=1, accelerator="cpu", logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="negative or non-finite weights"):
+        t.fit(model, DataLoader(data(), batch_size=5, shuffle=False))
+    assert len(model.records) == 1  # step 0 went through, step 1 was rejected
+    s, c = replay(model.records, 3.0)
+    torch.testing.assert_close(cb.table["beta_sup"], s)
+    torch.testing.assert_close(cb.table["beta_cons"], c)
+    assert cb.table["count"].sum() == 5
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [("beta_sup", float("nan"), "NaN"), ("beta_sup", 1.5, "<= 1"), ("beta_cons", -0.2, ">= 0"),
+     ("beta_cons", 0.9, "beta_sup \\+ beta_cons = 1")],
+)
+def test_bad_checkpointed_betas_are_refused(tmp_path, column, value, match):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    cb = AdaWAC(eta=2.0, log_every_n_steps=0)
+    trainer(cb, tmp_path, max_epochs=1).fit(TinyPair(), DataLoader(data(), batch_size=6))
+    state = copy.deepcopy(cb.state_dict())
+    state["table"]["columns"][column][3] = value
+    fresh = AdaWAC(eta=2.0)
+    with pytest.raises(CheckpointStateError, match=match):
+        fresh.load_state_dict(state)
+    assert fresh.table is None and fresh._pending_table_state is None
+    del state["table"]["columns"]["beta_cons"]
+    with pytest.raises(CheckpointStateError, match="missing key"):
+        AdaWAC().load_state_dict(state)

@@ -229,3 +229,100 @@ def test_febs_dice_in_segmentation_module(tmp_path):
     assert bool(model.dice_loss.group_seen.all())
     state = torch.load(ckpt.best_model_path, weights_only=False)["state_dict"]
     torch.testing.assert_close(state["dice_loss.group_error"], model.dice_loss.group_error)
+
+
+# ------------------------------------------------------------------ lifecycle: atomic steps, validated state
+def test_rejected_step_leaves_errors_and_steps_unchanged(tmp_path):
+    from .fairness_helpers import RejectAt
+
+    cb = FairErrorBoundScaling(momentum=0.5)
+    module = GroupedModule(lr=0.0)
+    with pytest.raises(ValueError, match="negative or non-finite weights"):
+        make_trainer([cb, RejectAt(step=2)], tmp_path).fit(module, make_grouped_loader(n=32, batch_size=8))
+    assert cb.steps == 2
+    errors, _ = _replay_febs(module.records[:2], 3, momentum=0.5)
+    torch.testing.assert_close(cb.errors, torch.tensor(errors, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "match"),
+    [
+        ({"errors": torch.tensor([float("nan"), 0.5], dtype=torch.float64), "seen": torch.tensor([True, True]),
+          "steps": 1}, "errors", "NaN"),
+        ({"errors": torch.tensor([0.1, 0.5], dtype=torch.float64), "seen": torch.tensor([1, 1]), "steps": 1},
+         "seen", "bool"),
+        ({"errors": torch.tensor([0.1, 0.5], dtype=torch.float64), "seen": torch.tensor([True, False]), "steps": 1},
+         "errors", "not seen"),
+        ({"errors": torch.tensor([0.1, 0.5], dtype=torch.float64), "steps": 1}, "seen", "missing"),
+        ({"errors": torch.tensor([0.1, 0.5], dtype=torch.float64), "seen": torch.tensor([True, True]), "steps": 1.5},
+         "steps", "int"),
+    ],
+)
+def test_bad_checkpoint_state_is_refused(extra, key, match):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    cb = FairErrorBoundScaling(num_groups=2)
+    with pytest.raises(CheckpointStateError, match=match) as err:
+        cb.load_state_dict({"table": None, "extra": extra})
+    assert err.value.key == key
+    assert cb.errors is None and cb.steps == 0
+
+
+def test_all_ignored_batch_is_a_no_op(tmp_path):
+    cb = FairErrorBoundScaling(num_groups=3)
+    groups = torch.tensor([-1] * 8 + [0, 1, 2, 0, 1, 2, 0, 1])
+    module = GroupedModule(lr=0.0)
+    make_trainer([cb], tmp_path).fit(module, make_grouped_loader(n=16, groups=groups))
+    assert cb.steps == 1  # only the second batch counted
+    _, _, losses, loss = module.records[0]
+    assert float(loss) == pytest.approx(float(losses.mean()), rel=1e-6)  # multipliers 1
+    errors, _ = _replay_febs(module.records[1:], 3)
+    torch.testing.assert_close(cb.errors, torch.tensor(errors, dtype=torch.float64))
+
+
+def test_febs_dice_non_negative_ignore_index():
+    g = torch.Generator().manual_seed(3)
+    logits, target = torch.randn(4, 2, 5, 5, generator=g), torch.randint(0, 2, (4, 5, 5), generator=g)
+    a = FEBSDiceLoss(num_groups=2, ignore_index=255)(logits, target, torch.tensor([0, 1, 255, 1]))
+    b = FEBSDiceLoss(num_groups=2, ignore_index=-1)(logits, target, torch.tensor([0, 1, -1, 1]))
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    with pytest.raises(ValueError, match="ignore_index"):
+        FEBSDiceLoss(num_groups=2, ignore_index=1)
+    with pytest.raises(TypeError, match="integer ids"):
+        FEBSDiceLoss(num_groups=2)(logits, target, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+
+
+def test_febs_dice_paired_views_update_state_once_per_sample():
+    g = torch.Generator().manual_seed(4)
+    l1, l2 = torch.randn(4, 2, 5, 5, generator=g), torch.randn(4, 2, 5, 5, generator=g)
+    t1, t2 = torch.randint(0, 2, (4, 5, 5), generator=g), torch.randint(0, 2, (4, 5, 5), generator=g)
+    group = torch.tensor([0, 1, 0, 1])
+    paired = FEBSDiceLoss(num_groups=2, momentum=0.5)
+    warm = (torch.randn(4, 2, 5, 5, generator=g), torch.randint(0, 2, (4, 5, 5), generator=g), group)
+    paired(*warm)
+    e0 = paired.group_error.clone()
+    out = paired(l1, t1, group, logits2=l2, target2=t2)
+    # one EMA step with the error of both views' pooled pixels (not two steps, one per view)
+    both = FEBSDiceLoss(num_groups=2)
+    both(torch.cat([l1, l2]), torch.cat([t1, t2]), torch.cat([group, group]))
+    torch.testing.assert_close(paired.group_error, 0.5 * e0 + 0.5 * both.group_error)
+    s = paired.last_scale[group].float()
+    from lightning_reweight.rules.fairness import scaled_dice_loss, soft_dice_stats
+
+    expected = 0.5 * sum(scaled_dice_loss(*soft_dice_stats(lg.softmax(1), t), s) for lg, t in ((l1, t1), (l2, t2)))
+    assert float(out) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_febs_dice_buffers_are_validated_at_load():
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    state = FEBSDiceLoss(num_groups=2).state_dict()
+    state["group_error"] = torch.tensor([float("nan"), 0.1], dtype=torch.float64)
+    fresh = FEBSDiceLoss(num_groups=2)
+    with pytest.raises(CheckpointStateError, match="NaN") as err:
+        fresh.load_state_dict(state)
+    assert err.value.key == "group_error" and torch.equal(fresh.group_error, torch.zeros(2, dtype=torch.float64))
+    state = FEBSDiceLoss(num_groups=2).state_dict()
+    del state["group_seen"]
+    with pytest.raises(CheckpointStateError, match="missing key"):
+        FEBSDiceLoss(num_groups=2).load_state_dict(state)

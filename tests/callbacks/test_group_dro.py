@@ -151,3 +151,64 @@ def test_tensorboard_logs_q_and_group_losses(tmp_path):
     assert "group_dro/weights" in acc.Tags()["histograms"]
     last_q = [acc.Scalars(f"group_dro/q/group_{k}")[-1].value for k in range(3)]
     assert last_q == pytest.approx(cb.q.tolist(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ lifecycle: atomic steps, validated state
+def test_rejected_step_leaves_q_and_steps_unchanged(tmp_path):
+    from .fairness_helpers import RejectAt
+
+    cb = GroupDRO(step_size=0.5)
+    module = GroupedModule(lr=0.0)
+    with pytest.raises(ValueError, match="negative or non-finite weights"):
+        make_trainer([cb, RejectAt(step=2)], tmp_path).fit(module, make_grouped_loader(n=32, batch_size=8))
+    assert cb.steps == 2  # steps 0 and 1 committed, the rejected step 2 not
+    q, _ = _replay(module.records[:2], 3, 0.5)
+    torch.testing.assert_close(cb.q, torch.tensor(q, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "match"),
+    [
+        ({"q": torch.tensor([float("nan"), 0.5], dtype=torch.float64), "steps": 3}, "q", "NaN"),
+        ({"q": torch.tensor([-1.0, 2.0], dtype=torch.float64), "steps": 3}, "q", ">= 0"),
+        ({"q": torch.tensor([0.2, 0.2], dtype=torch.float64), "steps": 3}, "q", "summing to 1"),
+        ({"q": torch.tensor([0.5, 0.5], dtype=torch.float64), "steps": -4}, "steps", ">= 0"),
+        ({"q": torch.tensor([0.5, 0.5], dtype=torch.float64)}, "steps", "missing"),
+        ({"steps": 3}, "q", "missing"),
+    ],
+)
+def test_bad_checkpoint_state_is_refused_before_anything_is_assigned(extra, key, match):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    cb = GroupDRO(num_groups=2)
+    with pytest.raises(CheckpointStateError, match=match) as err:
+        cb.load_state_dict({"table": None, "extra": extra})
+    assert err.value.key == key and "GroupDRO" in str(err.value)
+    assert cb.q is None and cb.steps == 0
+    with pytest.raises(CheckpointStateError, match="length 2"):
+        GroupDRO(num_groups=2).load_state_dict({"extra": {"q": torch.full((3,), 1 / 3, dtype=torch.float64),
+                                                          "steps": 1}})
+
+
+def test_all_ignored_batch_raises_its_own_message_and_advances_nothing(tmp_path):
+    cb = GroupDRO(num_groups=3)
+    groups = torch.tensor([-1] * 8 + [0, 1, 2, 0] * 2)  # the first batch has no known group
+    with pytest.raises(ValueError, match="every sample of this batch has group ignore_index=-1"):
+        make_trainer([cb], tmp_path).fit(GroupedModule(), make_grouped_loader(n=16, groups=groups))
+    assert cb.steps == 0 and torch.equal(cb.q, torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_non_negative_ignore_index_and_float_group_ids():
+    q = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    group = torch.tensor([0, 1, 255, 1])
+    w = group_dro_sample_weights(q, group, 2, ignore_index=255)
+    torch.testing.assert_close(w, torch.tensor([0.25 * 4, 0.75 * 4 / 2, 0.0, 0.75 * 4 / 2]))
+    GroupDRO(num_groups=2, ignore_index=255)
+    with pytest.raises(ValueError, match="ignore_index"):
+        GroupDRO(num_groups=3, ignore_index=1)  # a valid group id cannot mean "unknown"
+    from lightning_reweight.rules.balance import check_groups
+
+    with pytest.raises(TypeError, match="integer ids"):
+        check_groups(torch.tensor([0.9, 1.0]), 2, -1)
+    with pytest.raises(TypeError, match="integer ids"):
+        check_groups(torch.tensor([True, False]), 2, -1)

@@ -140,3 +140,21 @@ def test_bad_schedule_arguments_raise():
         sample_probabilities(torch.tensor([0, 3]), 1.0, num_groups=3)
     with pytest.raises(TypeError, match="integer ids"):
         group_counts(torch.tensor([0.0, 1.0]))
+
+
+def test_one_group_id_validator_for_balancing_and_fairness():
+    from lightning_reweight.rules import balance, fairness
+
+    assert fairness.check_groups is balance.check_groups  # one validator, re-exported
+    check = balance.check_groups
+    with pytest.raises(TypeError, match="integer ids.*0.9 -> 0"):
+        check(torch.tensor([0.9, 1.0]))
+    with pytest.raises(TypeError, match="integer ids"):
+        check(torch.tensor([True, False]), 2, -1)
+    torch.testing.assert_close(check(torch.tensor([0, 255, 1]), 2, 255), torch.tensor([0, 255, 1]))
+    torch.testing.assert_close(check([1, -1], 2, -1), torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match=r"ids in \[0, 2\) or ignore_index=-1, but got \[5\]"):
+        check(torch.tensor([0, 5, -1]), 2, -1)
+    with pytest.raises(ValueError, match="outside the group ids"):
+        check(torch.tensor([0, 1]), 3, 1)
+    assert check(torch.zeros(0, dtype=torch.long), 2, -1, allow_empty=True).numel() == 0

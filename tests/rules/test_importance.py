@@ -52,6 +52,20 @@ def test_scatter_ema_equals_sequential_loop_with_duplicates(rate):
         assert torch.equal(seen, ref_s)
 
 
+@pytest.mark.parametrize("rate", [0.5, 0.1])
+def test_scatter_ema_without_repeats_equals_sequential_loop(rate):
+    g = torch.Generator().manual_seed(1)
+    values, seen = torch.zeros(50, dtype=torch.float64), torch.zeros(50, dtype=torch.bool)
+    ref_v, ref_s = values.clone(), seen.clone()
+    for _ in range(4):
+        index = torch.randperm(50, generator=g)[:20]  # distinct: the one-step path
+        new = torch.rand(20, generator=g, dtype=torch.float64)
+        ref_v, ref_s = _loop_reference(ref_v, ref_s, index, new, rate)
+        scatter_ema_(values, seen, index, new, rate)
+        torch.testing.assert_close(values, ref_v)
+        assert torch.equal(seen, ref_s)
+
+
 def test_pada_pairwise_mean_by_hand():
     v, s = torch.zeros(3), torch.zeros(3, dtype=torch.bool)
     scatter_ema_(v, s, torch.tensor([1, 1, 1]), torch.tensor([4.0, 2.0, 1.0]), 0.5)
