@@ -3,11 +3,13 @@
 from lightning_reweight.samplers.balanced import TemperatureSampler
 from lightning_reweight.samplers.core import (
     AliasTable,
+    EpochPlan,
     WeightedSampler,
     build_alias_table,
     draw_alias,
     draw_weighted,
     epoch_generator,
+    sequence_fingerprint,
     uniform_indices,
     validate_weights,
 )
@@ -16,6 +18,7 @@ from lightning_reweight.samplers.rs2 import RS2Sampler, rs2_cosine_schedule
 
 __all__ = [
     "AliasTable",
+    "EpochPlan",
     "ImportanceSampler",
     "TemperatureSampler",
     "RS2Sampler",
@@ -25,6 +28,7 @@ __all__ = [
     "draw_weighted",
     "epoch_generator",
     "rs2_cosine_schedule",
+    "sequence_fingerprint",
     "uniform_indices",
     "validate_weights",
 ]
