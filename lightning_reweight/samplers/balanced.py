@@ -216,6 +216,15 @@ class TemperatureSampler(WeightedSampler):
         return [(lo, hi, (start_pos + lo) / total) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
     # ------------------------------------------------------------------ diagnostics
+    def segments(self, epoch: int | None = None) -> list[tuple[int, int, float]]:
+        """``(lo, hi, tau)``: the temperature of each stretch ``[lo, hi)`` of ``epoch``'s global sequence (as planned
+        on this world size). With ``batch_size``, position ``j`` is trained at step
+        ``epoch · batches_per_epoch() + j // (batch_size · num_replicas)``."""
+        plan = self._fresh_plan(self.epoch if epoch is None else int(epoch))
+        if not self._segmented():
+            return [(0, plan.num_samples, self.tau_for_epoch(plan.epoch))]
+        return [(lo, hi, self.tau_at(progress)) for lo, hi, progress in self._segments(plan)]
+
     def draw_frequencies(self, indices: Tensor) -> Tensor:
         """Share of each group among ``indices`` (e.g. ``global_indices()``), float64 ``(G,)``."""
         g = self.groups[indices.to(torch.long)]
