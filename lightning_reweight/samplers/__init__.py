@@ -1,5 +1,6 @@
 """What draws samples: the weighted draw core and the samplers built on it."""
 
+from lightning_reweight.samplers._install import ensure_sampler_state, install_sampler
 from lightning_reweight.samplers.balanced import TemperatureSampler
 from lightning_reweight.samplers.core import (
     AliasTable,
@@ -26,7 +27,9 @@ __all__ = [
     "build_alias_table",
     "draw_alias",
     "draw_weighted",
+    "ensure_sampler_state",
     "epoch_generator",
+    "install_sampler",
     "rs2_cosine_schedule",
     "sequence_fingerprint",
     "uniform_indices",

@@ -1,11 +1,12 @@
 """Elastic resume: one CPU run per call on DEVICES processes, for four samplers in turn, optionally resumed.
 
-Usage: python elastic_resume_ddp.py OUT_DIR DEVICES [CKPT_ROOT STEP]
+Usage: python elastic_resume_ddp.py OUT_DIR DEVICES SAVE_STEPS [CKPT_ROOT STEP]
 
 For each kind (``weighted`` = WeightedSampler + SamplerState + LossReweighting, ``rs2``, ``temperature`` =
 GroupBalancing upsample with a step-unit Cooldown, ``importance`` = ImportanceSampling) it trains 4 epochs of
 60 samples, batch 4 per rank, with a frozen model (lr = 0, so per-sample losses and hence the tables do not
-depend on the order of the batches), writes a checkpoint after every step (``OUT_DIR/<kind>/step=S.ckpt``)
+depend on the order of the batches), writes a checkpoint after each step in SAVE_STEPS (comma-separated,
+``OUT_DIR/<kind>/step=S.ckpt``)
 and, with CKPT_ROOT, resumes from ``CKPT_ROOT/<kind>/step=STEP.ckpt``. Each rank saves what it trained on
 (epoch, global step, indices), the LossReweighting table and the importance distribution to
 ``OUT_DIR/rank<r>.pt``.
@@ -17,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_reweight import IndexedDataset, reduce_loss
@@ -59,6 +60,17 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class SaveAt(Checkpoint):
+    """Save a checkpoint when the global step reaches one of ``steps`` (at a train batch end)."""
+
+    def __init__(self, dirpath, steps):
+        self.dirpath, self.steps = Path(dirpath), set(steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            trainer.save_checkpoint(self.dirpath / f"step={trainer.global_step}.ckpt")
+
+
 def callbacks(kind):
     if kind == "weighted":
         return [SamplerState(), LossReweighting(rule="linupper", warmup_steps=0, log_every_n_steps=0)]
@@ -71,12 +83,13 @@ def callbacks(kind):
 
 if __name__ == "__main__":
     out, devices = Path(sys.argv[1]), int(sys.argv[2])
-    ckpt_root, step = (Path(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (None, None)
+    save_steps = [int(s) for s in sys.argv[3].split(",") if s]
+    ckpt_root, step = (Path(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (None, None)
     results, rank = {}, 0
     for kind in KINDS:
         pl.seed_everything(0)
         model, cbs = Recorder(kind), callbacks(kind)
-        ckpt = ModelCheckpoint(dirpath=out / kind, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        ckpt = SaveAt(out / kind, save_steps)
         trainer = pl.Trainer(default_root_dir=out, accelerator="cpu", devices=devices,
                              strategy="ddp" if devices > 1 else "auto", max_epochs=EPOCHS, logger=False,
                              use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,

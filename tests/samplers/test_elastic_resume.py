@@ -23,16 +23,16 @@ KINDS = ("weighted", "rs2", "temperature", "importance")
 def runs(tmp_path_factory):
     """Uninterrupted runs on 1, 2, 3 processes and the resumed ones (name -> per-rank records)."""
     root = tmp_path_factory.mktemp("elastic")
-    plan = [("full1", 1, None), ("full2", 2, None), ("full3", 3, None),
-            ("r1to2", 2, ("full1", 20)),   # the issue's repro: step 20 = epoch 1, 5 of 15 batches done
-            ("r2to1", 1, ("full2", 5)),    # epoch 0, 5 of 8 batches done (40 of 60 samples)
-            ("r2to3", 3, ("full2", 20)),   # epoch 2, 4 of 8 batches: 28 samples left -> 10, 9, 9 per rank
-            ("r1to2to3", 3, ("r1to2", 23))]  # checkpoint written inside the resumed (rebased) epoch
+    plan = [("full1", 1, "20", None), ("full2", 2, "5,20", None), ("full3", 3, "", None),
+            ("r1to2", 2, "23", ("full1", 20)),  # the issue's repro: step 20 = epoch 1, 5 of 15 batches done
+            ("r2to1", 1, "", ("full2", 5)),     # epoch 0, 5 of 8 batches done (40 of 60 samples)
+            ("r2to3", 3, "", ("full2", 20)),    # epoch 2, 4 of 8 batches: 28 samples left -> 10, 9, 9 per rank
+            ("r1to2to3", 3, "", ("r1to2", 23))]  # checkpoint written inside the resumed (rebased) epoch
     out = {}
-    for name, devices, source in plan:
+    for name, devices, save, source in plan:
         d = root / name
         d.mkdir()
-        args = [str(devices)] + ([str(root / source[0]), str(source[1])] if source else [])
+        args = [str(devices), save] + ([str(root / source[0]), str(source[1])] if source else [])
         run_ddp_script(SCRIPT, d, *args, timeout=400)
         out[name] = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(devices)]
     return out
