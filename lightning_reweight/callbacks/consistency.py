@@ -5,10 +5,10 @@ Every rank of a lightning_reweight run must plan the same global sample sequence
 gathered batch). A seed, a data order or a table that differs on one rank silently trains on the wrong rows or
 with the wrong weights. ``check_rank_consistency`` compares, once per epoch:
 
-* each sampler's ``plan_fingerprint`` (length and three wrapping int64 sums of the planned global sequence:
-  of the indices, of index × position and of index²; computed while the sequence is drawn, no extra pass);
-* every column of every ``WeightingCallback`` table (the same three sums over the column's raw bits: an O(N)
-  pass per column, once per epoch),
+* each sampler's ``plan_fingerprint`` (length and three int64 sums over a strided sample of at most ~8192
+  entries of the planned global sequence: indices, index × position, index²; computed when the epoch is drawn);
+* every column of every ``WeightingCallback`` table (``tensor_fingerprint``: position-weighted int64 sums of
+  the column's raw bits, one O(N) pass per column, once per epoch: ~30 ms per 10^6 rows on one CPU thread),
 
 with ONE ``all_gather`` of a fixed 64-entry int64 vector (O(1) communication, independent of N and of the
 batch size). A mismatch raises ``RankConsistencyError`` on every rank, naming what differs and on which ranks.
@@ -35,6 +35,7 @@ __all__ = ["RankConsistencyError", "RankConsistencyGuard", "check_rank_consisten
 
 _SLOTS = 64  # gathered int64 entries per rank: [number of components, one folded fingerprint per component]
 _MASK = (1 << 63) - 1
+_BLOCK = 1024
 
 
 class RankConsistencyError(RuntimeError):
@@ -50,14 +51,27 @@ def _fold(values: Any) -> int:
 
 
 def tensor_fingerprint(t: Tensor) -> int:
-    """Fingerprint of a tensor's exact contents (its raw bits): an O(numel) pass of three int64 sums."""
+    """Fingerprint of a tensor's exact contents (its raw bits), position-sensitive, in two O(numel) reductions.
+
+    The raw bits, laid out as a ``(rows, 1024)`` block, are summed along both axes (int64 accumulation, no
+    int64 copy of the data); the row sums and the column sums are then weighted by their row / column number,
+    so a changed value or two swapped values change the result.
+    """
     flat = t.detach().reshape(-1).contiguous()
     if flat.is_floating_point():
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-        flat = flat.view(bits)
-    flat = flat.to(torch.int64)
-    pos = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device)
-    return _fold((flat.numel(), int(flat.sum()), int((flat * pos).sum()), int((flat * flat).sum())))
+        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    elif flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    n = flat.numel()
+    pad = (-n) % _BLOCK
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    block = flat.view(-1, _BLOCK)
+    rows = block.sum(dim=1, dtype=torch.int64)
+    cols = block.sum(dim=0, dtype=torch.int64)
+    row_pos = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=rows.device)
+    col_pos = torch.arange(1, _BLOCK + 1, dtype=torch.int64, device=cols.device)
+    return _fold((n, int(rows.sum()), int((rows * row_pos).sum()), int((cols * col_pos).sum())))
 
 
 def rank_fingerprint(trainer: pl.Trainer | None, samplers: list[Any] = ()) -> tuple[list[str], list[int]]:

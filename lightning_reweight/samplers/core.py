@@ -646,21 +646,22 @@ class WeightedSampler(Sampler[int]):
         same_world = s["epoch_world"] == self.num_replicas and s["num_replicas"] == self.num_replicas
         self.cursor = s["cursor"] if same_world else 0
         extra = {**self._plan_extra(), **s["epoch_extra"]}
-        if s["position"] == 0 and s["epoch_world"] != self.num_replicas:
-            # nothing of the epoch was consumed: plan it for this world size, as an uninterrupted run would
-            plan = EpochPlan(s["epoch"], self.num_samples, s["epoch_replacement"], epoch_weights, self.num_replicas,
-                             self.total_size, 0, 0, self._plan_extra())
-        else:
-            plan = EpochPlan(s["epoch"], s["epoch_num_samples"], s["epoch_replacement"], epoch_weights,
-                             s["epoch_world"], s["epoch_total"], s["position"], self.cursor, extra)
-        self._resume = plan
         self._plan = None
+        if s["position"] == 0:
+            # nothing of the epoch was consumed: the next iter() plans it afresh (from `epoch_weights(epoch)`, for
+            # this world size), exactly as an uninterrupted run would
+            self._resume, self.cursor = None, 0
+            return
+        self._resume = EpochPlan(s["epoch"], s["epoch_num_samples"], s["epoch_replacement"], epoch_weights,
+                                 s["epoch_world"], s["epoch_total"], s["position"], self.cursor, extra)
 
 
 def sequence_fingerprint(sequence: Tensor, *parts: int) -> tuple[int, ...]:
-    """A cheap O(len) fingerprint of an index sequence: its length, the int64 sums of the indices, of the
-    indices times their positions and of their squares (wrapping), plus ``parts``. Equal sequences give
-    equal fingerprints; a reordered or changed sequence almost surely does not."""
-    seq = sequence.to(torch.int64)
-    pos = torch.arange(1, seq.numel() + 1, dtype=torch.int64, device=seq.device)
-    return (seq.numel(), int(seq.sum()), int((seq * pos).sum()), int((seq * seq).sum()), *map(int, parts))
+    """A cheap fingerprint of an index sequence: its length and the int64 sums of a strided sample of at most
+    ~8192 indices, of those indices times their positions and of their squares, plus ``parts``. Enough to tell
+    two planned sequences apart (another seed, weights, epoch or size changes almost every entry) at O(1) cost."""
+    n = sequence.numel()
+    step = max(1, n // 8192)
+    sample = sequence[::step].to(torch.int64)
+    pos = torch.arange(1, sample.numel() + 1, dtype=torch.int64, device=sample.device)
+    return (n, int(sample.sum()), int((sample * pos).sum()), int((sample * sample).sum()), *map(int, parts))
