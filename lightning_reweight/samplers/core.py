@@ -643,8 +643,9 @@ class WeightedSampler(Sampler[int]):
         self._weights = weights
         self.seed = s["seed"]
         self.epoch = s["epoch"]
-        same_world = s["epoch_world"] == self.num_replicas and s["num_replicas"] == self.num_replicas
-        self.cursor = s["cursor"] if same_world else 0
+        # the saved cursor counts like the saving run's batch counter, which the fit loop restores on the same
+        # world size (also inside an epoch planned by yet another one)
+        self.cursor = s["cursor"] if s["num_replicas"] == self.num_replicas else 0
         extra = {**self._plan_extra(), **s["epoch_extra"]}
         self._plan = None
         if s["position"] == 0:

@@ -27,7 +27,8 @@ def runs(tmp_path_factory):
             ("r1to2", 2, "23", ("full1", 20)),  # the issue's repro: step 20 = epoch 1, 5 of 15 batches done
             ("r2to1", 1, "", ("full2", 5)),     # epoch 0, 5 of 8 batches done (40 of 60 samples)
             ("r2to3", 3, "", ("full2", 20)),    # epoch 2, 4 of 8 batches: 28 samples left -> 10, 9, 9 per rank
-            ("r1to2to3", 3, "", ("r1to2", 23))]  # checkpoint written inside the resumed (rebased) epoch
+            ("r1to2to3", 3, "", ("r1to2", 23)),  # checkpoint written inside the resumed (rebased) epoch
+            ("r1to2to2", 2, "24", ("r1to2", 23))]  # ... resumed again on the world size that wrote it
     out = {}
     for name, devices, save, source in plan:
         d = root / name
@@ -35,6 +36,7 @@ def runs(tmp_path_factory):
         args = [str(devices), save] + ([str(root / source[0]), str(source[1])] if source else [])
         run_ddp_script(SCRIPT, d, *args, timeout=400)
         out[name] = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+    out["root"] = root
     return out
 
 
@@ -79,14 +81,15 @@ def test_elastic_resume_is_exact(runs, kind, resumed, source, step, reference):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_second_resume_from_a_checkpoint_written_after_a_resume_is_exact(runs, kind):
-    """1 -> 2 at step 20, that run's step-23 checkpoint (inside the resumed epoch) -> 3 processes."""
-    first, middle, last = runs["full1"], runs["r1to2"], runs["r1to2to3"]
+@pytest.mark.parametrize(("name", "reference"), [("r1to2to3", "full3"), ("r1to2to2", "full2")])
+def test_second_resume_from_a_checkpoint_written_after_a_resume_is_exact(runs, kind, name, reference):
+    """1 -> 2 at step 20, that run's step-23 checkpoint (inside the resumed epoch) -> 3 or again 2 processes."""
+    first, middle, last = runs["full1"], runs["r1to2"], runs[name]
     assert last[0][kind]["seen"][0][:2] == (1, 23)
     consumed = _epoch(first, kind, 1, before=20) + _epoch(middle, kind, 1, before=23) + _epoch(last, kind, 1)
     assert sorted(consumed) == _epoch(first, kind, 1)
     for e in (2, 3):
-        assert _per_rank(last, kind, e) == _per_rank(runs["full3"], kind, e)
+        assert _per_rank(last, kind, e) == _per_rank(runs[reference], kind, e)
 
 
 def test_refuses_when_the_rest_of_the_epoch_cannot_be_split_evenly():
@@ -114,3 +117,17 @@ def test_refuses_when_the_rest_of_the_epoch_cannot_be_split_evenly():
         rest += list(sampler)
     glob = old.global_indices()
     assert sorted(rest) == sorted(glob[16:].tolist())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_position_counts_the_samples_consumed(runs, kind):
+    """The position a checkpoint stores is the number of samples of the epoch all ranks consumed so far, also in
+    a run resumed twice (1 -> 2 -> 2, whose cursor must continue the restored batch counter)."""
+    consumed = (_epoch(runs["full1"], kind, 1, before=20) + _epoch(runs["r1to2"], kind, 1, before=23)
+                + _epoch(runs["r1to2to2"], kind, 1, before=24))
+    for name, step, expected in (("r1to2", 23, 44), ("r1to2to2", 24, len(consumed))):
+        ckpt = torch.load(runs["root"] / name / kind / f"step={step}.ckpt", weights_only=False)
+        (state,) = [v for k, v in ckpt["callbacks"].items() if "SamplerState" in k]
+        (sampler,) = state["samplers"]
+        assert sampler["epoch"] == 1 and sampler["position"] == expected
+    assert len(consumed) == 52
