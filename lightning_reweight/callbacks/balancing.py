@@ -213,6 +213,7 @@ class GroupBalancing(WeightingCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # ids are read once here, so `compute_weights` only reads state (atomic steps)
         self._ensure_groups(trainer)
         if self._draws.numel() and self._draws.numel() != self.counts.numel():

@@ -70,3 +70,43 @@ def test_fingerprints_are_exact_and_cheap_to_compare():
     assert tensor_fingerprint(t.flip(0)) != tensor_fingerprint(t)  # order matters
     names, values = rank_fingerprint(None, [])
     assert names == [] and values == []
+
+
+class _Strategy:
+    def __init__(self, others):
+        self.others, self.root_device = others, torch.device("cpu")
+
+    def all_gather(self, vector):
+        return torch.stack([vector, *[f(vector.clone()) for f in self.others]])
+
+
+def _trainer(*others):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(world_size=1 + len(others), global_rank=0, current_epoch=3, callbacks=[],
+                           strategy=_Strategy(others))
+
+
+def test_guard_names_the_diverged_component_and_ranks_without_ddp():
+    from lightning_reweight.callbacks.consistency import RankConsistencyError, check_rank_consistency
+    from lightning_reweight.samplers import WeightedSampler
+
+    sampler = WeightedSampler(torch.ones(20), seed=1)
+    list(sampler)  # plans epoch 0: sets the fingerprint
+    same = lambda v: v  # noqa: E731
+
+    def other_seed(v):
+        v[1] += 1
+        return v
+
+    check_rank_consistency(_trainer(same, same), [sampler])  # three agreeing ranks: passes
+    with pytest.raises(RankConsistencyError, match=r"planned global sequence of sampler 0 \(WeightedSampler\): "
+                                                   r"rank\(s\) \[2\] differ from rank 0"):
+        check_rank_consistency(_trainer(same, other_seed), [sampler])
+
+    def fewer(v):
+        v[0] -= 1
+        return v
+
+    with pytest.raises(RankConsistencyError, match="number of checked components per rank"):
+        check_rank_consistency(_trainer(fewer), [sampler])
