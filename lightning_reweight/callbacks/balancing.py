@@ -23,7 +23,7 @@ from lightning_reweight.rules.balance import (
     temperature_distribution,
     upweight_factors,
 )
-from lightning_reweight.samplers._install import SamplerInstaller, train_dataset, train_loader_batch_size
+from lightning_reweight.samplers._install import install_sampler, train_dataset, train_loader_batch_size
 from lightning_reweight.samplers.balanced import TemperatureSampler, Unit
 
 __all__ = ["GroupBalancing"]
@@ -130,8 +130,6 @@ class GroupBalancing(WeightingCallback):
         self.sampler: TemperatureSampler | None = None
         self.groups: Tensor | None = None
         self.counts: Tensor | None = None
-        self._installer = SamplerInstaller(self._make_sampler, owner=type(self).__name__,
-                                           sampler_type=TemperatureSampler, adopt=self._adopt)
         self._total_steps: int | None = None
         self._draws = torch.zeros(0, dtype=torch.float64)
         self._cache: tuple[float, Tensor] | None = None
@@ -185,20 +183,22 @@ class GroupBalancing(WeightingCallback):
         if self.sampler is not None and self.sampler.num_weights == len(loader.dataset):
             return self.sampler  # reloaded dataloader: keep the sampler (and its state)
         self._set_groups(loader.dataset)
-        num_epochs = total_draws = segment = None
+        num_epochs = total_steps = batch = None
         if self.schedule.schedule != "constant":
             if self.unit == "epoch":
                 num_epochs = self._max_epochs(trainer)
             else:
+                # count the real batches of each rank (the last one of an epoch may be partial), the same step
+                # count that upweight mode reads from `trainer.global_step`
                 batch = train_loader_batch_size(loader)
-                draws_per_step = batch * trainer.world_size * max(1, trainer.accumulate_grad_batches)
+                accumulate = max(1, trainer.accumulate_grad_batches)
                 per_rank = math.ceil((self.sampler_num_samples or len(loader.dataset)) / trainer.world_size)
-                total_steps = self._total_steps = self._total_steps_for(trainer, math.ceil(per_rank / batch))
-                total_draws, segment = total_steps * draws_per_step, draws_per_step
+                self._total_steps = self._total_steps_for(trainer, math.ceil(per_rank / batch))
+                total_steps = self._total_steps * accumulate
         self.sampler = TemperatureSampler(
-            self.groups, schedule=self.schedule, unit=self.unit, num_epochs=num_epochs, total_draws=total_draws,
-            segment_size=segment, num_samples=self.sampler_num_samples, replacement=self.replacement, seed=self.seed,
-            num_replicas=trainer.world_size, rank=trainer.global_rank,
+            self.groups, schedule=self.schedule, unit=self.unit, num_epochs=num_epochs, batch_size=batch,
+            total_steps=total_steps, num_samples=self.sampler_num_samples, replacement=self.replacement,
+            seed=self.seed, num_replicas=trainer.world_size, rank=trainer.global_rank,
         )
         return self.sampler
 
@@ -208,7 +208,20 @@ class GroupBalancing(WeightingCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.mode == "upsample":
-            self._installer.setup(trainer)
+            install_sampler(trainer, self._make_sampler, owner=type(self).__name__, sampler_type=TemperatureSampler,
+                            adopt=self._adopt)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # ids are read once here, so `compute_weights` only reads state (atomic steps)
+        self._ensure_groups(trainer)
+        if self._draws.numel() and self._draws.numel() != self.counts.numel():
+            from lightning_reweight.state.validate import CheckpointStateError
+
+            raise CheckpointStateError(f"{self.state_key}['extra']", "draws",
+                                       f"expected {self.counts.numel()} per-group counts (this data set's groups), "
+                                       f"but got {self._draws.numel()}.")
 
     # ------------------------------------------------------------------ upweight: the loss weights
     def group_weights(self, tau: float) -> Tensor:
@@ -221,7 +234,8 @@ class GroupBalancing(WeightingCallback):
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
         if self.mode != "upweight":
             return None
-        self._ensure_groups(trainer)
+        if self.groups is None:
+            raise RuntimeError("GroupBalancing has no group ids yet: it reads them at `on_train_start`.")
         ids = self.groups[batch.index]
         return self.group_weights(self.tau(trainer))[ids].float()
 
@@ -229,7 +243,8 @@ class GroupBalancing(WeightingCallback):
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
         super().on_weights_computed(batch, weights, trainer, pl_module)
-        self._ensure_groups(trainer)
+        if self.groups is None:
+            return
         counts = torch.bincount(self.groups[batch.index], minlength=self.counts.numel()).to(torch.float64)
         self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
 
@@ -266,7 +281,18 @@ class GroupBalancing(WeightingCallback):
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._total_steps = state.get("total_steps", self._total_steps)
-        draws = state.get("draws")
+        """Validate, then restore the epoch's draw counts. ``total_steps`` is derived from this run's Trainer (it
+        depends on the world size), so a resume on another world size follows this run's step schedule."""
+        from lightning_reweight.state.validate import as_int, as_tensor, require_keys
+
+        where = f"{self.state_key}['extra']"
+        state = require_keys(state, [], where)
+        if "total_steps" in state:
+            as_int(state, "total_steps", where, minimum=1, optional=True)
+        draws = None
+        if state.get("draws") is not None:
+            length = self.counts.numel() if self.counts is not None else None
+            draws = as_tensor(state, "draws", where, length=length if length and state["draws"].numel() else None,
+                              minimum=0.0)
         if draws is not None:
-            self._draws = draws.clone()
+            self._draws = draws.to(torch.float64).clone()

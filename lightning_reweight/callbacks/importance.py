@@ -25,7 +25,7 @@ from lightning_reweight.rules.importance import (
     unbiasing_weights,
 )
 from lightning_reweight.rules.instance import effective_sample_size
-from lightning_reweight.samplers._install import SamplerInstaller, train_dataset, train_loader_batch_size
+from lightning_reweight.samplers._install import install_sampler, train_dataset, train_loader_batch_size
 from lightning_reweight.samplers.importance import ImportanceSampler
 from lightning_reweight.state.table import Column
 
@@ -137,7 +137,6 @@ class ImportanceSampling(WeightingCallback):
         self.importance_weighting = bool(importance_weighting)
         self.sampler_num_samples, self.replacement, self.seed = num_samples, bool(replacement), int(seed)
         self.sampler: ImportanceSampler | None = None
-        self._installer = SamplerInstaller(self._make_sampler, owner=type(self).__name__)
         self._refreshes = 0
         self._last_mixing = 1.0
         self._targets: Tensor | None = None
@@ -167,7 +166,7 @@ class ImportanceSampling(WeightingCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._installer.setup(trainer)
+            install_sampler(trainer, self._make_sampler, owner=type(self).__name__)
 
     # ------------------------------------------------------------------ per step
     def _scores(self, batch: GlobalBatch) -> Tensor:
@@ -279,7 +278,13 @@ class ImportanceSampling(WeightingCallback):
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._refreshes = int(state.get("refreshes", 0))
-        draws = state.get("draws")
+        """Validate everything, then restore (nothing is assigned when an entry is bad)."""
+        from lightning_reweight.state.validate import as_int, as_tensor, require_keys
+
+        where = f"{self.state_key}['extra']"
+        state = require_keys(state, [], where)
+        refreshes = as_int(state, "refreshes", where, minimum=0) if "refreshes" in state else 0
+        draws = as_tensor(state, "draws", where, minimum=0.0) if state.get("draws") is not None else None
+        self._refreshes = refreshes
         if draws is not None:
-            self._draws = draws.clone()
+            self._draws = draws.to(torch.float64).clone()

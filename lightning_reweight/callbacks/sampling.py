@@ -1,4 +1,4 @@
-"""``SamplerState``: keeps lightning_reweight samplers in step with the Trainer (epoch, cursor, checkpoint).
+"""``SamplerState``: keeps lightning_reweight samplers in step with the Trainer (epoch, position, checkpoint).
 
 How Lightning 2.x resumes mid-epoch (read from ``loops/fit_loop.py`` and ``loops/training_epoch_loop.py``):
 the fit loop restores its progress counters (epoch, batches done in the epoch), then builds a FRESH train
@@ -6,20 +6,28 @@ dataloader iterator; it neither skips batches nor fast-forwards the sampler (onl
 ``state_dict``/``load_state_dict`` are restored). The epoch then ends when the restored batch counter reaches
 ``len(dataloader)``, so a plain sampler replays the first batches of the epoch and never reaches its last
 ones. Worse, the iterator is created (and, with ``num_workers > 0``, already pulls indices) in
-``FitLoop.setup_data`` BEFORE ``set_epoch`` is called for the resumed epoch.
+``FitLoop.setup_data`` BEFORE ``set_epoch`` is called for the resumed epoch, and the restored batch counter
+is per rank: on another number of processes it no longer says how much of the epoch is done.
 
-``SamplerState`` fixes both for every sampler that has ``set_epoch``, ``state_dict``, ``load_state_dict`` and a
+``SamplerState`` fixes this for every sampler that has ``set_epoch``, ``state_dict``, ``load_state_dict`` and a
 ``cursor`` attribute (``WeightedSampler``, ``RS2Sampler`` and their subclasses):
 
-* cursor = (batches whose training step finished in the epoch) × batch_size — samples of this rank consumed
-  (prefetching by workers does not count); read from the fit loop's batch progress when the state is saved,
-  so the callback order relative to ``ModelCheckpoint`` does not matter (also set in ``on_train_batch_end``).
+* cursor = (batches whose training step finished in the epoch) × batch_size, and from it the sampler's GLOBAL
+  ``position`` (samples of the epoch's global sequence consumed by all ranks together); read from the fit
+  loop's batch progress when the state is saved, so the callback order relative to ``ModelCheckpoint`` does
+  not matter (also set in ``on_train_batch_end``).
 * ``state_dict``: every sampler's ``state_dict()``; ``load_state_dict`` keeps them until training starts.
-* ``on_train_start``: loads them into the samplers, sets the epoch, and if the loader iterator already
-  pulled indices under another (epoch, cursor), re-creates it, so the resumed run yields exactly the
-  remaining indices of the interrupted epoch.
+* ``on_train_start``: validates every sampler's checkpointed state first (``CheckpointStateError`` names the
+  key; nothing is half restored), loads them, sets the epoch, and if the loader iterator already pulled
+  indices under another (epoch, position), re-creates it, so the resumed run yields exactly the remaining
+  indices of the interrupted epoch. On another world size it checks that every rank still gets the same
+  number of batches for the rest of the epoch (else it refuses, naming both world sizes) and sets the fit
+  loop's batch counter of the epoch so that the epoch ends exactly when the remainder is used up.
 * checks DDP wiring: raises if Lightning wrapped a sampler in ``DistributedSamplerWrapper``
   (``use_distributed_sampler=True``) or if a sampler's ``num_replicas``/``rank`` disagree with the Trainer.
+* cross-rank guard (``check_ranks=True``): after the first batch of every epoch, one small all-gather
+  compares a fingerprint of each rank's planned global sequence and of every ``WeightingCallback`` table
+  (``lightning_reweight.callbacks.consistency``); a mismatch raises on every rank, naming the ranks.
 * logs draw statistics once per epoch through ``log_weight_stats`` (``{prefix}/ess_frac`` etc. of the
   sampling weights normalised to mean 1; per class/group mass when the sampler or dataset knows them).
 """
@@ -109,6 +117,14 @@ def _batch_size(loader: Any) -> int:
     return size
 
 
+def _set_cursor(sampler: Any, consumed: int) -> None:
+    setter = getattr(sampler, "set_cursor", None)
+    if setter is not None:
+        setter(consumed)
+    else:
+        sampler.cursor = min(consumed, len(sampler))
+
+
 class SamplerState(Callback):
     """Set the epoch, track the cursor and checkpoint the state of lightning_reweight samplers.
 
@@ -120,11 +136,17 @@ class SamplerState(Callback):
         log_stats: log draw statistics of each epoch (``{prefix}/ess``, ``ess_frac``, ``max``, per-group mass).
         log_histogram: also write a histogram of the (mean-1) sampling weights (subsampled beyond 1e6 items).
         prefix: log prefix; with several samplers the i-th (i > 0) logs under ``{prefix}_{i}``.
+        check_ranks: under DDP, compare a fingerprint of every rank's planned sequence and of every
+            ``WeightingCallback`` table once per epoch (one all-gather of a few int64; O(N) hashing of each
+            table once per epoch) and fail on a mismatch. ``False`` turns the guard off.
     """
 
-    def __init__(self, log_stats: bool = True, log_histogram: bool = True, prefix: str = "sampler") -> None:
+    def __init__(self, log_stats: bool = True, log_histogram: bool = True, prefix: str = "sampler",
+                 check_ranks: bool = True) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"Expected argument `prefix` to be a non-empty string, but got {prefix!r}.")
+        self.check_ranks = bool(check_ranks)
+        self._checked_epoch: int | None = None
         self.log_stats = bool(log_stats)
         self.log_histogram = bool(log_histogram)
         self.prefix = prefix
@@ -153,6 +175,8 @@ class SamplerState(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_reweight.samplers._install import restart_train_iterator
+
         self._trainer = trainer
         self._bind(trainer)
         pending, self._pending = self._pending, None
@@ -162,24 +186,76 @@ class SamplerState(Callback):
                     f"The checkpoint holds the state of {len(pending)} sampler(s) but the train dataloader has"
                     f" {len(self._bound)}; resume with the same data configuration."
                 )
+            for (_, sampler), state in zip(self._bound, pending):  # validate everything before assigning
+                check = getattr(sampler, "check_state_dict", None)
+                if check is not None:
+                    check(state)
             for (_, sampler), state in zip(self._bound, pending):
                 sampler.load_state_dict(state)
         if pending is not None and len(self._bound) == len(_flatten(trainer.train_dataloader)):
             # every train loader resumes exactly: Lightning's "dataloader is not resumable" warning is false
             warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
-        stale = False
         for _, sampler in self._bound:
             sampler.set_epoch(trainer.current_epoch)
+        if pending is not None:
+            saved_worlds = {int(state.get("num_replicas", trainer.world_size)) for state in pending
+                            if isinstance(state, dict)}
+            if saved_worlds - {trainer.world_size}:
+                self._continue_on_new_world(trainer, max(saved_worlds))
+        stale = False
+        for _, sampler in self._bound:
             started = getattr(sampler, "last_iter_signature", None)
             resume = getattr(sampler, "_resume", None)
-            expected = (trainer.current_epoch, 0 if resume is None else int(resume.get("global_cursor", 0)))
+            expected = (trainer.current_epoch, 0 if resume is None else int(getattr(resume, "start", 0)))
             stale |= started is not None and (pending is not None or tuple(started) != expected)
         if stale:
             # the fit loop created the iterator (and workers pulled indices) before the state was restored
-            fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-            if fetcher is None:
-                raise RuntimeError("Cannot restart the train dataloader iterator after restoring sampler state.")
-            iter(fetcher)
+            restart_train_iterator(trainer)
+
+    def _continue_on_new_world(self, trainer: pl.Trainer, saved_world: int) -> None:
+        """After a resume on another world size: check every rank gets the same number of batches for the rest
+        of the epoch and set the fit loop's batch counter so the epoch ends exactly there."""
+        from lightning_reweight.samplers._install import set_epoch_batches_done
+
+        world = trainer.world_size
+        done: set[int] = set()
+        for loader, sampler in self._bound:
+            remaining = getattr(sampler, "remaining_per_rank", None)
+            if remaining is None:
+                raise RuntimeError(
+                    f"`{type(sampler).__name__}` cannot continue an epoch on another number of processes (checkpoint:"
+                    f" {saved_world}, now: {world}); resume with {saved_world} process(es)."
+                )
+            size = _batch_size(loader)
+            left = remaining()
+            drop = bool(getattr(loader, "drop_last", False))
+            batches = [n // size if drop else -(-n // size) for n in left]
+            if len(set(batches)) > 1 or (drop and any(n % size for n in left)):
+                raise RuntimeError(
+                    f"Cannot continue epoch {trainer.current_epoch} exactly on {world} processes: the checkpoint was"
+                    f" written by {saved_world} process(es) and the {sum(left)} remaining samples of the epoch give"
+                    f" the ranks {left} samples, i.e. {sorted(set(batches))} batches of {size}"
+                    f"{' (drop_last)' if drop else ''}, so some rank would skip or replay samples. Resume this"
+                    f" checkpoint with {saved_world} process(es), or from an end-of-epoch checkpoint."
+                )
+            total = trainer.num_training_batches
+            if total == float("inf") or batches[0] > total:
+                raise RuntimeError(
+                    f"Cannot continue epoch {trainer.current_epoch} on {world} processes (checkpoint: {saved_world}):"
+                    f" its remaining {batches[0]} batches exceed the epoch's {total} batches"
+                    " (`limit_train_batches`?). Resume with the same number of processes."
+                )
+            done.add(int(total) - batches[0])
+            if getattr(sampler, "resumed_world_size", None) is not None:
+                sampler.rebase_cursor((int(total) - batches[0]) * size)
+        if len(done) > 1:
+            raise RuntimeError(
+                f"The train dataloaders disagree on how much of epoch {trainer.current_epoch} is left after moving"
+                f" from {saved_world} to {world} processes ({sorted(done)} batches done); resume with"
+                f" {saved_world} process(es)."
+            )
+        if done:
+            set_epoch_batches_done(trainer, done.pop())
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,7 +272,12 @@ class SamplerState(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         for loader, sampler in self._bound:
-            sampler.cursor = min((batch_idx + 1) * _batch_size(loader), len(sampler))
+            _set_cursor(sampler, (batch_idx + 1) * _batch_size(loader))
+        if self.check_ranks and trainer.world_size > 1 and self._checked_epoch != trainer.current_epoch:
+            from lightning_reweight.callbacks.consistency import check_rank_consistency
+
+            self._checked_epoch = trainer.current_epoch
+            check_rank_consistency(trainer, self.samplers)
         if self.log_stats and self._logged_epoch != trainer.current_epoch:
             self._logged_epoch = trainer.current_epoch
             self._log(trainer, pl_module)
@@ -233,7 +314,7 @@ class SamplerState(Callback):
                 # batches whose training step finished in this epoch: independent of callback order
                 done = self._trainer.fit_loop.epoch_loop.batch_progress.current.processed
                 for loader, sampler in self._bound:
-                    sampler.cursor = min(done * _batch_size(loader), len(sampler))
+                    _set_cursor(sampler, done * _batch_size(loader))
             return {"samplers": [sampler.state_dict() for _, sampler in self._bound]}
         if self._pending is not None:
             return {"samplers": self._pending}
@@ -241,4 +322,11 @@ class SamplerState(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("samplers")
+        from lightning_reweight.state.validate import CheckpointStateError
+
+        samplers = state_dict.get("samplers") if isinstance(state_dict, dict) else None
+        if samplers is not None and (not isinstance(samplers, list)
+                                     or not all(isinstance(s, dict) for s in samplers)):
+            raise CheckpointStateError("SamplerState.state_dict", "samplers",
+                                       f"expected a list of sampler state dicts, but got {type(samplers).__name__}.")
+        self._pending = samplers  # validated against the samplers at on_train_start, before any is restored

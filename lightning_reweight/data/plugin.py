@@ -41,8 +41,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
@@ -237,7 +235,9 @@ class SamplingDataModule(pl.LightningDataModule):
             self.datamodule.trainer = self.trainer
             self.datamodule.setup(stage)
         if stage == "fit" and self.add_sampler_state and self.trainer is not None and self.sampler_name != "none":
-            _ensure_sampler_state(self.trainer)
+            from lightning_reweight.samplers._install import ensure_sampler_state
+
+            ensure_sampler_state(self.trainer, type(self).__name__)
 
     def teardown(self, stage: str) -> None:
         if self._is_dm:
@@ -267,6 +267,14 @@ class SamplingDataModule(pl.LightningDataModule):
         return self.datamodule.state_dict() if self._is_dm else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the wrapped DataModule's state (the sampler's own state is restored by ``SamplerState``)."""
+        from collections.abc import Mapping
+
+        from lightning_reweight.state.validate import CheckpointStateError
+
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointStateError(f"{type(self).__name__}.state_dict", None,
+                                       f"expected a dict, but got {type(state_dict).__name__}.")
         if self._is_dm:
             self.datamodule.load_state_dict(state_dict)
 
@@ -318,13 +326,3 @@ def _repair_cli_hparams(datamodule: pl.LightningDataModule) -> None:
     values.update(nested.get("init_args") or {})
     datamodule._hparams = AttributeDict(values)
     datamodule._hparams_initial = copy.deepcopy(datamodule._hparams)
-
-
-def _ensure_sampler_state(trainer: pl.Trainer) -> None:
-    from lightning_reweight.callbacks.sampling import SamplerState
-
-    if any(isinstance(cb, SamplerState) for cb in trainer.callbacks):
-        return
-    rank_zero_info("SamplingDataModule: adding `SamplerState()` to the callbacks (epoch, cursor, checkpoint).")
-    position = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)), len(trainer.callbacks))
-    trainer.callbacks.insert(position, SamplerState())

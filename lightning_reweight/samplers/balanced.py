@@ -29,7 +29,7 @@ from lightning_reweight.rules.balance import (
     sample_probabilities,
     temperature_distribution,
 )
-from lightning_reweight.samplers.core import WeightedSampler, draw_weighted, epoch_generator
+from lightning_reweight.samplers.core import EpochPlan, WeightedSampler, draw_weighted, epoch_generator
 
 Unit = Literal["epoch", "step"]
 
@@ -46,13 +46,19 @@ class TemperatureSampler(WeightedSampler):
         tau: the constant temperature (``inf`` = class-balanced, 1 = proportional).
         tau_start, tau_end, switch_fraction, shape: Cooldown parameters (paper: 5, 1, 0.5, ``"step"``).
         unit: ``"epoch"``: τ of epoch e is ``schedule(e / num_epochs)``, fixed within the epoch.
-            ``"step"``: τ follows the global draw position, ``progress = (e · total_size + j) / total_draws``
-            (j = position in the epoch's global draw); a Cooldown switch then lands inside an epoch, within
-            one global batch of the exact step. Needs ``replacement=True``.
+            ``"step"`` with ``batch_size`` and ``total_steps`` (what ``GroupBalancing`` passes): τ follows the
+            training step that consumes a draw: position j of epoch e's global sequence is trained at step
+            ``e · batches_per_epoch + j // (batch_size · num_replicas)``, where ``batches_per_epoch =
+            ceil(len(sampler) / batch_size)`` counts the real batches (the last one may be partial), and
+            ``progress = step / total_steps`` — exactly the step count of ``GroupBalancing(mode="upweight")``.
+            ``"step"`` with ``total_draws`` instead: ``progress = (e · total_size + j) / total_draws``.
+            A Cooldown switch then lands inside an epoch. Needs ``replacement=True``.
         num_epochs: training length in epochs (``unit="epoch"`` with a non-constant schedule).
-        total_draws: global samples drawn over the whole run (``unit="step"``): steps × global batch size.
-        segment_size: with ``unit="step"``, τ is re-evaluated every ``segment_size`` draws (default: the
-            global batch size if known, else ``total_size // 100``); ``shape="step"`` needs only the switch.
+        total_draws: global samples drawn over the whole run (``unit="step"`` without ``batch_size``).
+        batch_size: per-rank batch size of the loader (``unit="step"``): progress counts real batches.
+        total_steps: batches (steps) per rank over the whole run (``unit="step"`` with ``batch_size``).
+        segment_size: with ``unit="step"``, τ is re-evaluated every ``segment_size`` draws (default: one global
+            batch with ``batch_size``, else ``total_size // 100``); ``shape="step"`` needs only the switch.
         num_groups: G, if some groups are empty in ``groups``.
         num_samples, replacement, seed, num_replicas, rank, drop_last: as in ``WeightedSampler``.
 
@@ -75,6 +81,8 @@ class TemperatureSampler(WeightedSampler):
         num_epochs: int | None = None,
         total_draws: int | None = None,
         segment_size: int | None = None,
+        batch_size: int | None = None,
+        total_steps: int | None = None,
         num_groups: int | None = None,
         num_samples: int | None = None,
         replacement: bool = True,
@@ -100,6 +108,8 @@ class TemperatureSampler(WeightedSampler):
         self.num_epochs = _check_optional_positive("num_epochs", num_epochs)
         self.total_draws = _check_optional_positive("total_draws", total_draws)
         self.segment_size = _check_optional_positive("segment_size", segment_size)
+        self.batch_size = _check_optional_positive("batch_size", batch_size)
+        self.total_steps = _check_optional_positive("total_steps", total_steps)
         if unit == "step" and not replacement:
             raise ValueError(
                 "Expected `replacement=True` with unit='step' (τ changes inside an epoch, so the epoch is drawn in "
@@ -124,7 +134,25 @@ class TemperatureSampler(WeightedSampler):
                     "TemperatureSampler with a Cooldown schedule over epochs needs `num_epochs` (the training length)."
                 )
             return epoch / self.num_epochs
+        if self.batch_size is not None:
+            return epoch * self.batches_per_epoch() / self._total_steps(self._plan_extra())
         return epoch * self.total_size / self._total_draws()
+
+    def batches_per_epoch(self, num_samples: int | None = None, num_replicas: int | None = None) -> int:
+        """Real batches per rank per epoch (the last one may be partial): ``ceil(len(sampler) / batch_size)``."""
+        if self.batch_size is None:
+            raise ValueError("Expected `batch_size` to count batches, but got None.")
+        per_rank = self._per_rank_for(self.num_samples if num_samples is None else num_samples,
+                                      self.num_replicas if num_replicas is None else num_replicas)
+        return math.ceil(per_rank / self.batch_size)
+
+    def _total_steps(self, extra: dict) -> int:
+        total = extra.get("total_steps")
+        if total is None:
+            raise ValueError(
+                "TemperatureSampler with unit='step' and `batch_size` needs `total_steps` (the run's batches per rank)."
+            )
+        return int(total)
 
     def _total_draws(self) -> int:
         if self.total_draws is None:
@@ -144,35 +172,59 @@ class TemperatureSampler(WeightedSampler):
     def epoch_weights(self, epoch: int) -> Tensor:
         return sample_probabilities(self.groups, self.tau_for_epoch(epoch), self.num_groups)
 
-    def _segmented(self, epoch: int) -> bool:
+    def _segmented(self) -> bool:
         return self.unit == "step" and self.schedule.schedule != "constant"
 
-    def _draw(self, weights: Tensor, epoch: int) -> Tensor:
-        if not self._segmented(epoch):
-            return super()._draw(weights, epoch)
+    def _plan_extra(self) -> dict:
+        return {"total_draws": self.total_draws, "total_steps": self.total_steps, "batch_size": self.batch_size}
+
+    def _draw(self, plan: EpochPlan) -> Tensor:
+        if not self._segmented():
+            return super()._draw(plan)
         # τ varies inside the epoch: draw consecutive segments of the global stream, each from its own τ.
-        total = self._total_draws()
-        start_pos = epoch * self.total_size
-        bounds = self._segment_bounds(start_pos, total)
-        generator = epoch_generator(self.seed, epoch)
+        generator = epoch_generator(self.seed, plan.epoch)
         parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            tau = self.tau_at((start_pos + lo) / total)
-            p = sample_probabilities(self.groups, tau, self.num_groups)
+        for lo, hi, progress in self._segments(plan):
+            p = sample_probabilities(self.groups, self.tau_at(progress), self.num_groups)
             parts.append(draw_weighted(p, hi - lo, generator, replacement=True))
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
-    def _segment_bounds(self, start_pos: int, total: int) -> list[int]:
-        n = self.num_samples
-        s = self.schedule
+    def _segments(self, plan: EpochPlan) -> list[tuple[int, int, float]]:
+        """``(lo, hi, progress)`` of the epoch's draw segments (positions of the global sequence)."""
+        n, s, extra = plan.num_samples, self.schedule, plan.extra
+        batch = extra.get("batch_size")
+        if batch is not None:  # progress counts the real batches of the epoch's plan
+            total = self._total_steps(extra)
+            per_rank = self._per_rank_for(plan.num_samples, plan.world)
+            step0 = plan.epoch * math.ceil(per_rank / batch)
+            span = batch * plan.world  # global positions per step
+            if s.shape == "step":
+                switch = (math.ceil(s.switch_fraction * total) - step0) * span  # first position of the switch step
+                cuts = [switch] if 0 < switch < n else []
+            else:
+                cuts = list(range(self.segment_size or span, n, self.segment_size or span))
+            bounds = [0, *cuts, n]
+            return [(lo, hi, (step0 + lo // span) / total) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        total = extra.get("total_draws") or self._total_draws()
+        start_pos = plan.epoch * plan.total
         if s.shape == "step":
             switch = math.ceil(s.switch_fraction * total) - start_pos  # first position with progress >= switch
-            cuts = [switch] if 0 < switch < n else []
-            return [0, *cuts, n]
-        seg = self.segment_size or max(1, self.total_size // 100)
-        return [*range(0, n, seg), n]
+            bounds = [0, *([switch] if 0 < switch < n else []), n]
+        else:
+            seg = self.segment_size or max(1, plan.total // 100)
+            bounds = [*range(0, n, seg), n]
+        return [(lo, hi, (start_pos + lo) / total) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
     # ------------------------------------------------------------------ diagnostics
+    def segments(self, epoch: int | None = None) -> list[tuple[int, int, float]]:
+        """``(lo, hi, tau)``: the temperature of each stretch ``[lo, hi)`` of ``epoch``'s global sequence (as planned
+        on this world size). With ``batch_size``, position ``j`` is trained at step
+        ``epoch · batches_per_epoch() + j // (batch_size · num_replicas)``."""
+        plan = self._fresh_plan(self.epoch if epoch is None else int(epoch))
+        if not self._segmented():
+            return [(0, plan.num_samples, self.tau_for_epoch(plan.epoch))]
+        return [(lo, hi, self.tau_at(progress)) for lo, hi, progress in self._segments(plan)]
+
     def draw_frequencies(self, indices: Tensor) -> Tensor:
         """Share of each group among ``indices`` (e.g. ``global_indices()``), float64 ``(G,)``."""
         g = self.groups[indices.to(torch.long)]
@@ -180,14 +232,40 @@ class TemperatureSampler(WeightedSampler):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["temperature"] = {"unit": self.unit, "num_epochs": self.num_epochs, "total_draws": self.total_draws}
+        state["temperature"] = {"unit": self.unit, "num_epochs": self.num_epochs, "total_draws": self.total_draws,
+                                "total_steps": self.total_steps, "batch_size": self.batch_size,
+                                "num_groups": self.num_groups}
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def check_state_dict(self, state_dict: Any) -> dict[str, Any]:
+        from lightning_reweight.state.validate import CheckpointStateError, as_int, require_keys
+
+        out = super().check_state_dict(state_dict)
+        where = f"{type(self).__name__}.state_dict['temperature']"
         t = state_dict.get("temperature", {})
-        self.num_epochs = t.get("num_epochs", self.num_epochs)
-        self.total_draws = t.get("total_draws", self.total_draws)
+        t = require_keys(t, [], where)
+        if t.get("unit", self.unit) != self.unit:
+            raise CheckpointStateError(where, "unit", f"expected {self.unit!r} (this run's), but got {t['unit']!r}.")
+        if "num_groups" in t and as_int(t, "num_groups", where, minimum=1) != self.num_groups:
+            raise CheckpointStateError(where, "num_groups", f"expected {self.num_groups} groups (this data set's), "
+                                       f"but got {t['num_groups']}; was the checkpoint made with another data set?")
+        for key in ("num_epochs", "total_draws", "total_steps", "batch_size"):
+            if key in t:
+                as_int(t, key, where, minimum=1, optional=True)
+        for key in ("total_draws", "total_steps", "batch_size"):
+            if key in out["epoch_extra"]:
+                as_int(out["epoch_extra"], key, f"{type(self).__name__}.state_dict['epoch_extra']", minimum=1,
+                       optional=True)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore (validated). The restored epoch is drawn with its saved schedule parameters; later epochs use
+        this sampler's own (which depend on the world size with ``unit="step"``)."""
+        self.check_state_dict(state_dict)
+        t = state_dict.get("temperature", {})
+        super().load_state_dict(state_dict)
+        if self.num_epochs is None:
+            self.num_epochs = t.get("num_epochs")
 
 
 def _check_optional_positive(name: str, value: Any) -> int | None:

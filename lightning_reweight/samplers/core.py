@@ -267,8 +267,29 @@ def _dist_default(num_replicas: int | None, rank: int | None) -> tuple[int, int]
     return num_replicas, rank
 
 
+class EpochPlan(NamedTuple):
+    """What defines one epoch's global sequence and where this process's iteration of it starts.
+
+    ``epoch``, ``num_samples`` (global draws), ``replacement``, ``weights`` and ``world`` (the world size the
+    sequence was planned for: padding/dropping to a multiple of it) fix the sequence of ``total`` indices;
+    ``start`` is the global position (samples of that sequence consumed by all ranks together) where this
+    iteration begins, and ``cursor_base`` the value of ``cursor`` at ``start``. ``extra`` holds
+    subclass parameters of the draw (e.g. the temperature schedule's step count).
+    """
+
+    epoch: int
+    num_samples: int
+    replacement: bool
+    weights: Tensor
+    world: int
+    total: int
+    start: int
+    cursor_base: int
+    extra: dict
+
+
 class WeightedSampler(Sampler[int]):
-    """Weighted sampler that is distributed, reproducible and resumable mid-epoch.
+    """Weighted sampler that is distributed, reproducible and resumable mid-epoch, also on another world size.
 
     Every epoch, every rank makes the same global draw of ``num_samples`` indices (``draw_weighted`` with a
     ``torch.Generator`` seeded from ``(seed, epoch)``) and takes the disjoint shard ``global[rank::num_replicas]``.
@@ -288,13 +309,22 @@ class WeightedSampler(Sampler[int]):
             else 1 and 0.
         drop_last: drop the tail of the global draw instead of padding it.
 
-    Resume: ``state_dict()`` holds the seed, epoch, weights (the epoch's own weights too if they differ) and
-    ``cursor`` — the samples of this rank already consumed in the epoch (set by ``SamplerState`` under
-    Lightning; in a plain loop set ``sampler.cursor`` before saving). After ``load_state_dict`` the next
-    ``iter()`` continues the saved epoch at the cursor (unless ``set_epoch`` moves to another epoch).
+    Resume: ``state_dict()`` holds the seed, the epoch, the weights (the epoch's own weights too if they
+    differ), the definition of the running epoch's global sequence (``epoch_num_samples``, ``epoch_world``,
+    ``epoch_total``) and ``position`` — the samples of that GLOBAL sequence consumed by all ranks together.
+    ``cursor`` is this rank's consumed count (set by ``SamplerState`` under Lightning; in a plain loop set
+    ``sampler.cursor`` before saving). After ``load_state_dict`` the next ``iter()`` yields this rank's share
+    ``remainder[rank::num_replicas]`` of the remaining sequence, on any number of processes: with the same
+    world size that is exactly the rest of this rank's shard; with another one the ranks' shares may differ
+    by one sample (no padding: nothing is replayed or skipped; ``SamplerState`` checks that every rank
+    still gets the same number of batches and refuses otherwise). Later epochs are planned for the current
+    world size, exactly as in an uninterrupted run on it.
 
     Subclasses override ``epoch_weights(epoch)`` to compute per-epoch weights (default: current weights).
     """
+
+    #: whether ``state_dict`` stores the weights (``RS2Sampler``: uniform, nothing to store)
+    _stores_weights = True
 
     def __init__(
         self,
@@ -330,12 +360,14 @@ class WeightedSampler(Sampler[int]):
             )
         self.epoch = 0
         self.cursor = 0
-        self._resume: dict[str, Any] | None = None
-        self._epoch_weights_used: Tensor | None = None
+        self._resume: EpochPlan | None = None  # a restored epoch, continued by the next iter()
+        self._plan: EpochPlan | None = None  # the epoch being iterated
         self._table_key: tuple[int, int] | None = None
         self._table: AliasTable | None = None
         self._table_source: Tensor | None = None
         self.last_iter_signature: tuple[int, int] | None = None
+        #: cheap fingerprint of the last planned global sequence (int64 sums), for the cross-rank guard
+        self.plan_fingerprint: tuple[int, ...] | None = None
 
     # ----------------------------------------------------------------------------------------------- sizes
     @property
@@ -348,13 +380,23 @@ class WeightedSampler(Sampler[int]):
         """The current base weights (a subclass may draw from ``epoch_weights(epoch)`` instead)."""
         return self._weights
 
-    def _per_rank(self, num_replicas: int) -> int:
+    @property
+    def _epoch_weights_used(self) -> Tensor | None:
+        """Weights of the epoch being iterated (or about to be resumed)."""
+        plan = self._plan if self._plan is not None and self._plan.epoch == self.epoch else self._resume
+        return None if plan is None else plan.weights
+
+    def _per_rank_for(self, num_samples: int, num_replicas: int) -> int:
         if self.drop_last:
-            return self.num_samples // num_replicas
-        return math.ceil(self.num_samples / num_replicas)
+            return num_samples // num_replicas
+        return math.ceil(num_samples / num_replicas)
+
+    def _per_rank(self, num_replicas: int) -> int:
+        return self._per_rank_for(self.num_samples, num_replicas)
 
     def __len__(self) -> int:
-        """Indices per rank per epoch (full epoch, also while resuming mid-epoch)."""
+        """Indices per rank of a full epoch planned for this world size (also while resuming mid-epoch:
+        the fit loop's batch count refers to it)."""
         return self._per_rank(self.num_replicas)
 
     @property
@@ -369,7 +411,7 @@ class WeightedSampler(Sampler[int]):
         epoch = int(epoch)
         if epoch != self.epoch:
             self.cursor = 0
-        if self._resume is not None and self._resume["epoch"] != epoch:
+        if self._resume is not None and self._resume.epoch != epoch:
             self._resume = None
         self.epoch = epoch
 
@@ -398,16 +440,27 @@ class WeightedSampler(Sampler[int]):
             )
 
     # ------------------------------------------------------------------------------------------- drawing
-    def _draw(self, weights: Tensor, epoch: int) -> Tensor:
-        generator = epoch_generator(self.seed, epoch)
-        if not self.replacement:
-            return draw_weighted(weights, self.num_samples, generator, replacement=False)
+    def _plan_extra(self) -> dict:
+        """Subclass parameters that define an epoch's draw besides the plan's fields (checkpointed)."""
+        return {}
+
+    def _fresh_plan(self, epoch: int) -> EpochPlan:
+        weights = validate_weights(self.epoch_weights(epoch), "epoch_weights(epoch)")
+        return EpochPlan(epoch, self.num_samples, self.replacement, weights, self.num_replicas, self.total_size,
+                         0, 0, self._plan_extra())
+
+    def _draw(self, plan: EpochPlan) -> Tensor:
+        """The epoch's unpadded global draw of ``plan.num_samples`` indices."""
+        generator = epoch_generator(self.seed, plan.epoch)
+        weights = plan.weights
+        if not plan.replacement:
+            return draw_weighted(weights, plan.num_samples, generator, replacement=False)
         key = (id(weights), weights._version)
         if self._table is None or self._table_key != key:
             self._table = _build_alias_table(weights)
             self._table_key = key
             self._table_source = weights  # keep alive so id() stays unique
-        return draw_alias(self._table, self.num_samples, generator)
+        return draw_alias(self._table, plan.num_samples, generator)
 
     @staticmethod
     def _pad(global_draw: Tensor, total_size: int) -> Tensor:
@@ -417,83 +470,199 @@ class WeightedSampler(Sampler[int]):
         reps = math.ceil((total_size - n) / n)
         return torch.cat([global_draw, global_draw.repeat(reps)[: total_size - n]])
 
+    def _sequence(self, plan: EpochPlan) -> Tensor:
+        return self._pad(self._draw(plan), plan.total)
+
     def global_indices(self, epoch: int | None = None) -> Tensor:
-        """The epoch's global draw after padding/dropping (``total_size`` indices); rank r iterates
-        ``global_indices()[r::num_replicas]``. For tests and diagnostics."""
+        """The epoch's global sequence after padding/dropping (``total_size`` indices) for this world size;
+        rank r iterates ``global_indices()[r::num_replicas]``. For tests and diagnostics."""
         epoch = self.epoch if epoch is None else int(epoch)
-        weights = validate_weights(self.epoch_weights(epoch), "epoch_weights(epoch)")
-        return self._pad(self._draw(weights, epoch), self.total_size)
+        return self._sequence(self._fresh_plan(epoch))
+
+    def _current_plan(self) -> EpochPlan:
+        if self._resume is not None and self._resume.epoch == self.epoch:
+            return self._resume
+        if self._plan is not None and self._plan.epoch == self.epoch:
+            return self._plan
+        return self._fresh_plan(self.epoch)
+
+    def remaining_per_rank(self) -> list[int]:
+        """Samples each rank still yields in the current epoch (after a resume: of the restored epoch)."""
+        plan = self._current_plan()
+        left = plan.total - plan.start
+        return [max(0, math.ceil((left - r) / self.num_replicas)) for r in range(self.num_replicas)]
+
+    @property
+    def resumed_world_size(self) -> int | None:
+        """World size that planned the restored epoch about to be continued, ``None`` if there is none."""
+        return None if self._resume is None or self._resume.epoch != self.epoch else self._resume.world
+
+    def rebase_cursor(self, cursor: int) -> None:
+        """Declare that this rank's ``cursor`` is ``cursor`` at the restored position (``SamplerState`` aligns
+        it with Lightning's batch counter after a resume on another world size)."""
+        if self._resume is None:
+            raise RuntimeError("rebase_cursor() needs a restored epoch (call load_state_dict first).")
+        self._resume = self._resume._replace(cursor_base=int(cursor))
+        self.cursor = int(cursor)
+
+    def set_cursor(self, consumed: int) -> None:
+        """Record that this rank consumed ``consumed`` samples of the epoch (``SamplerState`` passes batches done
+        × batch size, counted like Lightning's batch counter); capped at the end of this rank's share."""
+        plan = self._plan if self._plan is not None and self._plan.epoch == self.epoch else self._resume
+        if plan is None or plan.epoch != self.epoch:
+            cap = len(self)
+        else:
+            cap = plan.cursor_base + max(0, math.ceil((plan.total - plan.start) / self.num_replicas))
+        self.cursor = max(0, min(int(consumed), cap))
 
     def __iter__(self) -> Iterator[int]:
         # a generator: nothing is drawn until the first index is requested
         epoch = self.epoch
         resume, self._resume = self._resume, None
-        if resume is not None and resume["epoch"] == epoch:
-            weights = resume["epoch_weights"]
-            if weights is None:
-                weights = self._weights
-            global_start = int(resume["global_cursor"])
-            saved_total = int(resume["total_size"])
-        else:
-            weights = validate_weights(self.epoch_weights(epoch), "epoch_weights(epoch)")
-            global_start, saved_total = 0, self.total_size
-        self._epoch_weights_used = weights
-        self.last_iter_signature = (epoch, global_start)
-        draw = self._pad(self._draw(weights, epoch), saved_total)[global_start:]
-        if saved_total != self.total_size:  # resumed under another world size: re-pad the remainder
-            draw = self._pad(draw, self._per_rank_len(draw.numel()) * self.num_replicas)
-        shard = draw[self.rank :: self.num_replicas]
-        del draw
+        plan = resume if resume is not None and resume.epoch == epoch else self._fresh_plan(epoch)
+        self._plan = plan
+        self.last_iter_signature = (epoch, plan.start)
+        sequence = self._sequence(plan)
+        self.plan_fingerprint = sequence_fingerprint(sequence, plan.epoch, plan.total)
+        shard = sequence[plan.start + self.rank :: self.num_replicas]
+        del sequence
         for start in range(0, shard.numel(), _YIELD_CHUNK):
             yield from shard[start : start + _YIELD_CHUNK].tolist()
 
-    def _per_rank_len(self, remaining: int) -> int:
-        if self.drop_last:
-            return remaining // self.num_replicas
-        return math.ceil(remaining / self.num_replicas)
-
     # ------------------------------------------------------------------------------------------- state
+    @property
+    def position(self) -> int:
+        """Samples of the current epoch's global sequence consumed by all ranks together."""
+        plan = self._plan if self._plan is not None and self._plan.epoch == self.epoch else self._resume
+        if plan is None or plan.epoch != self.epoch:
+            return min(self.total_size, max(0, self.cursor) * self.num_replicas)
+        return min(plan.total, plan.start + max(0, self.cursor - plan.cursor_base) * self.num_replicas)
+
     def state_dict(self) -> dict[str, Any]:
-        """What an exact resume needs. ``cursor`` counts this rank's consumed samples in ``epoch``; it is
-        stored as a global position (``cursor * num_replicas``), valid for every rank."""
-        used = self._epoch_weights_used
+        """What an exact resume needs (see the class docstring); ``position`` is global, valid for every
+        rank and every world size."""
+        plan = self._plan if self._plan is not None and self._plan.epoch == self.epoch else self._resume
+        if plan is None or plan.epoch != self.epoch:
+            plan = EpochPlan(self.epoch, self.num_samples, self.replacement, self._weights, self.num_replicas,
+                             self.total_size, 0, 0, self._plan_extra())
         return {
             "seed": self.seed,
             "epoch": self.epoch,
             "cursor": int(self.cursor),
-            "global_cursor": int(self.cursor) * self.num_replicas,
+            "position": int(self.position),
             "num_replicas": self.num_replicas,
-            "total_size": self.total_size,
             "num_samples": self.num_samples,
             "replacement": self.replacement,
-            "weights": self._weights,
-            "epoch_weights": None if used is None or used is self._weights else used,
+            "drop_last": self.drop_last,
+            "epoch_num_samples": plan.num_samples,
+            "epoch_replacement": plan.replacement,
+            "epoch_world": plan.world,
+            "epoch_total": plan.total,
+            "epoch_extra": dict(plan.extra),
+            "weights": self._weights if self._stores_weights else None,
+            "epoch_weights": None if plan.weights is self._weights or not self._stores_weights else plan.weights,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore; the next ``iter()`` continues epoch ``state_dict['epoch']`` at its cursor."""
-        weights = state_dict.get("weights")
-        if weights is not None:
-            weights = validate_weights(weights)
-            if weights.numel() != self.num_weights:
-                raise ValueError(
-                    f"Expected the checkpointed sampler weights to have one entry per item ({self.num_weights}),"
-                    f" but got {weights.numel()}; was the checkpoint made with another dataset?"
-                )
-            self._weights = weights
-        self.seed = int(state_dict.get("seed", self.seed))
-        self.num_samples = int(state_dict.get("num_samples", self.num_samples))
-        self.replacement = bool(state_dict.get("replacement", self.replacement))
-        self.epoch = int(state_dict.get("epoch", 0))
-        self.cursor = int(state_dict.get("cursor", 0))
-        saved_replicas = int(state_dict.get("num_replicas", self.num_replicas))
-        global_cursor = int(state_dict.get("global_cursor", self.cursor * saved_replicas))
-        saved_total = int(state_dict.get("total_size", self._per_rank(saved_replicas) * saved_replicas))
-        if saved_replicas != self.num_replicas:
-            self.cursor = 0  # the per-rank cursor of another world size means nothing here
-        self._resume = {
-            "epoch": self.epoch,
-            "global_cursor": min(global_cursor, saved_total),
-            "total_size": saved_total,
-            "epoch_weights": state_dict.get("epoch_weights"),
+    def check_state_dict(self, state_dict: Any) -> dict[str, Any]:
+        """Validate a checkpointed ``state_dict`` against this sampler; return the parsed values.
+
+        Raises:
+            CheckpointStateError: a key is missing, malformed or out of range (names the key); nothing is assigned.
+        """
+        from lightning_reweight.state.validate import CheckpointStateError, as_int, as_tensor, require_keys
+
+        where = f"{type(self).__name__}.state_dict"
+        state = require_keys(state_dict, ["seed", "epoch", "cursor", "num_samples", "replacement", "weights"], where)
+        out: dict[str, Any] = {
+            "seed": as_int(state, "seed", where),
+            "epoch": as_int(state, "epoch", where, minimum=0),
+            "cursor": as_int(state, "cursor", where, minimum=0),
+            "num_samples": as_int(state, "num_samples", where, minimum=1),
         }
+        for key in ("replacement", "drop_last", "epoch_replacement"):
+            if key in state and not isinstance(state[key], bool):
+                raise CheckpointStateError(where, key, f"expected a bool, but got {state[key]!r}.")
+        legacy = "position" not in state  # written before positions were global: derive them
+        replicas = as_int(state, "num_replicas", where, minimum=1) if "num_replicas" in state else 1
+        drop_last = bool(state.get("drop_last", self.drop_last))
+        out["epoch_num_samples"] = (as_int(state, "epoch_num_samples", where, minimum=1)
+                                    if "epoch_num_samples" in state else out["num_samples"])
+        out["epoch_world"] = as_int(state, "epoch_world", where, minimum=1) if "epoch_world" in state else replicas
+        n_ep, w_ep = out["epoch_num_samples"], out["epoch_world"]
+        total = (n_ep // w_ep if drop_last else math.ceil(n_ep / w_ep)) * w_ep
+        if "epoch_total" in state or "total_size" in state:
+            key = "epoch_total" if "epoch_total" in state else "total_size"
+            saved_total = as_int(state, key, where, minimum=0)
+            if saved_total != total:
+                raise CheckpointStateError(
+                    where, key, f"expected {total} (= {n_ep} draws planned for {w_ep} process(es)), but got"
+                    f" {saved_total}."
+                )
+        out["epoch_total"] = total
+        if legacy:
+            key = "global_cursor" if "global_cursor" in state else "cursor"
+            position = as_int(state, key, where, minimum=0)
+            position = position if key == "global_cursor" else position * replicas
+        else:
+            key = "position"
+            position = as_int(state, key, where, minimum=0)
+        if position > total:
+            raise CheckpointStateError(
+                where, key, f"expected a position within the epoch's {total} samples, but got {position}."
+            )
+        if replicas == out["epoch_world"] and out["cursor"] > total // replicas:
+            raise CheckpointStateError(
+                where, "cursor", f"expected a cursor within this rank's {total // replicas} samples of the epoch, but got"
+                f" {out['cursor']}."
+            )
+        out["position"], out["num_replicas"] = position, replicas
+        out["replacement"] = bool(state["replacement"])
+        out["epoch_replacement"] = bool(state.get("epoch_replacement", out["replacement"]))
+        for key in ("weights", "epoch_weights"):
+            if state.get(key) is None:
+                out[key] = None
+                continue
+            w = as_tensor(state, key, where, length=self.num_weights, minimum=0.0)
+            if not bool((w > 0).any()):
+                raise CheckpointStateError(where, key, "expected at least one positive weight, but all are zero.")
+            out[key] = w
+        if self._stores_weights and out["weights"] is None:
+            raise CheckpointStateError(where, "weights", "expected a weight tensor, but got None.")
+        extra = state.get("epoch_extra", {})
+        if not isinstance(extra, dict):
+            raise CheckpointStateError(where, "epoch_extra", f"expected a dict, but got {type(extra).__name__}.")
+        out["epoch_extra"] = dict(extra)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Validate everything (``check_state_dict``), then restore; the next ``iter()`` continues epoch
+        ``state_dict['epoch']`` at its global position (on any world size)."""
+        s = self.check_state_dict(state_dict)
+        weights = s["weights"] if s["weights"] is not None else self._weights
+        epoch_weights = s["epoch_weights"] if s["epoch_weights"] is not None else weights
+        self._weights = weights
+        self.seed = s["seed"]
+        self.epoch = s["epoch"]
+        # the saved cursor counts like the saving run's batch counter, which the fit loop restores on the same
+        # world size (also inside an epoch planned by yet another one)
+        self.cursor = s["cursor"] if s["num_replicas"] == self.num_replicas else 0
+        extra = {**self._plan_extra(), **s["epoch_extra"]}
+        self._plan = None
+        if s["position"] == 0:
+            # nothing of the epoch was consumed: the next iter() plans it afresh (from `epoch_weights(epoch)`, for
+            # this world size), exactly as an uninterrupted run would
+            self._resume, self.cursor = None, 0
+            return
+        self._resume = EpochPlan(s["epoch"], s["epoch_num_samples"], s["epoch_replacement"], epoch_weights,
+                                 s["epoch_world"], s["epoch_total"], s["position"], self.cursor, extra)
+
+
+def sequence_fingerprint(sequence: Tensor, *parts: int) -> tuple[int, ...]:
+    """A cheap fingerprint of an index sequence: its length and the int64 sums of a strided sample of at most
+    ~8192 indices, of those indices times their positions and of their squares, plus ``parts``. Enough to tell
+    two planned sequences apart (another seed, weights, epoch or size changes almost every entry) at O(1) cost."""
+    n = sequence.numel()
+    step = max(1, n // 8192)
+    sample = sequence[::step].to(torch.int64)
+    pos = torch.arange(1, sample.numel() + 1, dtype=torch.int64, device=sample.device)
+    return (n, int(sample.sum()), int((sample * pos).sum()), int((sample * sample).sum()), *map(int, parts))

@@ -11,8 +11,6 @@ knows the probabilities of the epoch it is drawing, which the optional unbiasing
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -62,10 +60,3 @@ class ImportanceSampler(WeightedSampler):
         """Probabilities the next ``iter()`` will draw from."""
         w = self.weights.to(torch.float64)
         return w / w.sum()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        # the resumed epoch's probabilities are known before iter() runs again
-        resume = self._resume
-        if resume is not None and resume.get("epoch_weights") is not None:
-            self._epoch_weights_used = resume["epoch_weights"]

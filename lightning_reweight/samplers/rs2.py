@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_reweight.samplers.core import WeightedSampler, epoch_generator
+from lightning_reweight.samplers.core import EpochPlan, WeightedSampler, epoch_generator
 
 __all__ = ["RS2Sampler", "rs2_cosine_schedule"]
 
@@ -93,6 +93,8 @@ class RS2Sampler(WeightedSampler):
                          num_replicas=num_replicas, rank=rank, drop_last=drop_last)
         self.round_replacement = bool(replacement)
 
+    _stores_weights = False
+
     @property
     def round_size(self) -> int:
         """``k``: global samples per round (before padding to the world size)."""
@@ -106,8 +108,8 @@ class RS2Sampler(WeightedSampler):
     def _permutation(self, p: int) -> Tensor:
         return _random_permutation(self.num_items, epoch_generator(self.seed ^ _PERM_STREAM, p))
 
-    def _draw(self, weights: Tensor, epoch: int) -> Tensor:
-        k, n = self.num_samples, self.num_items
+    def _draw(self, plan: EpochPlan) -> Tensor:
+        k, n, epoch = plan.num_samples, self.num_items, plan.epoch
         if self.round_replacement:
             return _random_permutation(n, epoch_generator(self.seed ^ _ROUND_STREAM, epoch))[:k]
         perm, offset = self.stream_position(epoch)
@@ -138,22 +140,42 @@ class RS2Sampler(WeightedSampler):
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["weights"] = None  # uniform: nothing to store
-        state["epoch_weights"] = None
         perm, offset = self.stream_position()
         state["rs2"] = {"num_items": self.num_items, "fraction": self.fraction, "permutation": perm,
                         "stream_offset": offset, "replacement": self.round_replacement}
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rs2 = state_dict.get("rs2", {})
-        if rs2.get("num_items", self.num_items) != self.num_items:
-            raise ValueError(
-                f"Expected the checkpointed RS2 sampler to cover {self.num_items} items, but it covers"
-                f" {rs2['num_items']}; was the checkpoint made with another data set?"
+    def check_state_dict(self, state_dict: Any) -> dict[str, Any]:
+        from lightning_reweight.state.validate import CheckpointStateError, as_float, as_int, require_keys
+
+        where = f"{type(self).__name__}.state_dict['rs2']"
+        rs2 = require_keys(require_keys(state_dict, ["rs2"], f"{type(self).__name__}.state_dict")["rs2"],
+                           ["num_items", "fraction", "permutation", "stream_offset", "replacement"], where)
+        num_items = as_int(rs2, "num_items", where, minimum=1)
+        if num_items != self.num_items:
+            raise CheckpointStateError(
+                where, "num_items", f"expected the checkpointed RS2 sampler to cover {self.num_items} items, but it"
+                f" covers {num_items}; was the checkpoint made with another data set?"
             )
-        self.round_replacement = bool(rs2.get("replacement", self.round_replacement))
-        self.fraction = float(rs2.get("fraction", self.fraction))
+        fraction = as_float(rs2, "fraction", where, minimum=0.0, maximum=1.0)
+        if not isinstance(rs2["replacement"], bool):
+            raise CheckpointStateError(where, "replacement", f"expected a bool, but got {rs2['replacement']!r}.")
+        out = super().check_state_dict(state_dict)
+        perm, offset = divmod(out["epoch"] * round(fraction * num_items), num_items)
+        for key, value in (("permutation", perm), ("stream_offset", offset)):
+            saved = as_int(rs2, key, where, minimum=0)
+            if saved != value:
+                raise CheckpointStateError(
+                    where, key, f"expected {value} (round {out['epoch']} of {round(fraction * num_items)} samples"
+                    f" over {num_items} items), but got {saved}."
+                )
+        out["rs2"] = {"fraction": fraction, "replacement": rs2["replacement"]}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rs2 = self.check_state_dict(state_dict)["rs2"]
+        self.round_replacement = bool(rs2["replacement"])
+        self.fraction = float(rs2["fraction"])
         super().load_state_dict(state_dict)
 
 

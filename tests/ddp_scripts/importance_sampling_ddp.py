@@ -76,7 +76,8 @@ if __name__ == "__main__":
     model2 = Tiny()
     t2.fit(model2, DataLoader(balanced, batch_size=4, shuffle=True))
     balance = {"seen": model2.seen, "globals": [gb.sampler.global_indices(e) for e in range(3)],
-               "len": len(gb.sampler), "total_draws": gb.sampler.total_draws}
+               "len": len(gb.sampler), "total_steps": gb.sampler.total_steps,
+               "batch_size": gb.sampler.batch_size}
 
     torch.save({"balance": balance, "rank": trainer.global_rank, "table": {k: cb.table[k].clone() for k in ("is_score", "is_seen", "count")},
                 "snapshots": cb.snapshots, "globals": globals_, "seen": model.seen}, out / f"rank{trainer.global_rank}.pt")

@@ -183,7 +183,7 @@ def test_ddp_identical_tables_and_draws(tmp_path):
         assert mine0 == glob[0::2].tolist() and mine1 == glob[1::2].tolist()  # disjoint, complete shards
     # GroupBalancing under DDP: the same global (segmented) draw on both ranks, disjoint complete shards
     b0, b1 = r0["balance"], r1["balance"]
-    assert b0["total_draws"] == 3 * 6 * 4 * 2  # 3 epochs x 6 steps x batch 4 x 2 ranks
+    assert b0["total_steps"] == 3 * 6 and b0["batch_size"] == 4  # 3 epochs x 6 real batches per rank
     for epoch, (g0, g1) in enumerate(zip(b0["globals"], b1["globals"])):
         assert torch.equal(g0, g1)
         mine0 = [i for e, idx in b0["seen"] if e == epoch for i in idx]
