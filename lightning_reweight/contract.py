@@ -69,6 +69,29 @@ def _check_rows(name: str, value: Any, n: int) -> Tensor:
     return t
 
 
+def _index_free(callbacks: list, losses: Tensor) -> Tensor:
+    """The index-free (streaming) path: every callback must work from the global batch alone.
+
+    Returns the placeholder index (all ``-1``) that ``GlobalBatch.index`` then holds; raises
+    ``MissingIndexError`` naming each callback that needs per-sample state and the fix.
+    """
+    needing = [cb for cb in callbacks if cb.needs_index]
+    if needing:
+        names = ", ".join(type(cb).__name__ for cb in needing)
+        stateless = [type(cb).__name__ for cb in needing if not cb.needs_sample_state]
+        hint = (
+            f" {', '.join(stateless)} only keeps a per-sample table for bookkeeping: pass `track_samples=False` "
+            "to run it on a stream without an index (docs/lm.md)." if stateless else ""
+        )
+        raise MissingIndexError(
+            f"{names} needs the dataset index (or a stable stream key) of every sample, but `reduce_loss` got "
+            "none. Wrap a map-style training dataset in `lightning_reweight.data.IndexedDataset`, or pass a "
+            "stable per-sample key from the stream (`lightning_reweight.state.StreamKeys`), and change two "
+            "lines of `training_step`:" + _TWO_LINES + hint
+        )
+    return torch.full((losses.shape[0],), -1, dtype=torch.int64, device=losses.device)
+
+
 def reduce_loss(
     module: pl.LightningModule,
     losses: Tensor,
@@ -83,7 +106,9 @@ def reduce_loss(
     Args:
         module: the LightningModule (``self`` inside ``training_step``).
         losses: ``(B,)`` per-sample losses with gradient (``reduction="none"``).
-        index: ``(B,)`` dataset indices of the samples (``IndexedDataset`` provides them).
+        index: ``(B,)`` dataset indices of the samples (``IndexedDataset`` provides them) or stable stream
+            keys mapped by ``StreamKeys``; ``None`` on a stream when every attached callback needs only the
+            global batch (``needs_index`` is false, e.g. ``LossReweighting(track_samples=False)``).
         group: optional ``(B,)`` group ids (−1 = unknown).
         target: optional ``(B,)`` targets (for class-aware callbacks).
         **extras: other per-sample tensors a callback needs (e.g. ``consistency=`` for AdaWAC).
@@ -94,7 +119,7 @@ def reduce_loss(
 
     Raises:
         ValueError: scalar or multi-dimensional losses, NaN/inf losses, size mismatches, all-zero weights.
-        MissingIndexError: a weighting callback is attached but ``index`` is ``None``.
+        MissingIndexError: ``index`` is ``None`` but an attached callback needs per-sample state.
         IndexError: indices outside ``[0, N)``.
     """
     losses = _check_per_sample(losses)
@@ -103,11 +128,7 @@ def reduce_loss(
     if not callbacks or not trainer.training:
         return losses.mean()
     if index is None:
-        names = ", ".join(type(cb).__name__ for cb in callbacks)
-        raise MissingIndexError(
-            f"{names} needs the dataset index of every sample, but `reduce_loss` got none. Wrap the training "
-            "dataset in `lightning_reweight.data.IndexedDataset` and change two lines of `training_step`:" + _TWO_LINES
-        )
+        index = _index_free(callbacks, losses)
     n = losses.shape[0]
     index = _check_rows("index", index, n)
     if index.is_floating_point() or index.dtype == torch.bool:

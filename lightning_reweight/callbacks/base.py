@@ -47,12 +47,15 @@ class GlobalBatch:
 
 
 def infer_num_samples(trainer: pl.Trainer) -> int | None:
-    """The train data set's length, when the Trainer's train dataloader exposes one."""
+    """The train data set's ``num_keys`` (streams with stable keys) or length, when the train dataloader has one."""
     loader = getattr(trainer, "train_dataloader", None)
     loaders = loader.values() if isinstance(loader, dict) else loader if isinstance(loader, (list, tuple)) else [loader]
     for dl in loaders:
         dataset = getattr(dl, "dataset", None)
         if dataset is not None:
+            keys = getattr(dataset, "num_keys", None)  # a stream's stable-key range (data/text.py)
+            if isinstance(keys, int) and not isinstance(keys, bool):
+                return keys
             try:
                 return len(dataset)
             except TypeError:
@@ -81,6 +84,10 @@ class WeightingCallback(Callback):
     normalized: bool = True
     #: log prefix (``name`` overrides it)
     log_prefix: str = "reweight"
+    #: whether ``compute_weights`` reads per-sample state keyed by ``batch.index``; rules that need only the
+    #: global batch (LossReweighting, GroupDRO) set it to ``False`` and then run without an index when
+    #: ``track_samples=False`` (the streaming mode, see docs/lm.md)
+    needs_sample_state: bool = True
 
     def __init__(self, num_samples: int | None = None, track_samples: bool = True, ema_decay: float = 0.9,
                  log_every_n_steps: int = 50, log_histogram: bool = True, name: str | None = None):
@@ -111,6 +118,11 @@ class WeightingCallback(Callback):
     @property
     def prefix(self) -> str:
         return self.name or self.log_prefix
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether this callback needs a per-sample index (or stable stream key) from ``reduce_loss``."""
+        return self.needs_sample_state or self.track_samples
 
     # ------------------------------------------------------------------ subclass API
     def extra_columns(self) -> dict[str, Column]:
