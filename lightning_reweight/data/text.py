@@ -15,7 +15,10 @@ there are ranks, those few windows (a different random set each epoch) are dropp
 Resume. The number of windows consumed in the epoch is counted in the main process, from the ``end`` position
 each training batch carries (not inside the workers, which prefetch), and saved with the epoch by the
 DataModule's ``state_dict`` (Lightning puts it in every checkpoint). A resumed run continues with exactly the
-windows not yet consumed, also on another number of processes (the position is global).
+windows not yet consumed, also on another number of processes (the position is global). The stream counts
+its own epochs (a new one starts when the current one is used up), so a pass cut short by ``max_steps`` is
+finished after the resume even though Lightning's epoch counter has moved on; the order of stream epoch ``e``
+depends on ``(seed, e)`` only.
 """
 
 from __future__ import annotations
@@ -222,7 +225,6 @@ class CharStreamDataModule(pl.LightningDataModule):
         self.val_set: CharWindows | None = None
         self._epoch = 0  # epoch of the consumption count below
         self._position = 0  # windows of the epoch's order consumed by completed training steps (all ranks)
-        self._pending: dict[str, int] | None = None
         self._warned_drop = False
 
     # ---------------------------------------------------------------- data
@@ -235,8 +237,6 @@ class CharStreamDataModule(pl.LightningDataModule):
         self.train_stream = CharWindowStream(train, self.seq_len, self.batch_size, self.seed, self.noise_frac,
                                              self.noise_seed, vocab=torch.unique(train))
         self.val_set = CharWindows(val, self.seq_len)
-        if self._pending is not None:
-            self._apply_state(self._pending)
 
     @property
     def num_keys(self) -> int:
@@ -253,12 +253,13 @@ class CharStreamDataModule(pl.LightningDataModule):
 
     def _begin(self, stream: CharWindowStream) -> None:
         """Main process, at the start of each pass over the training stream: set its epoch and start."""
-        trainer = self.trainer
-        epoch = trainer.current_epoch if trainer is not None else self._epoch
-        if epoch != self._epoch:
-            self._epoch, self._position = epoch, 0
-        stream.epoch, stream.start = self._epoch, self._position
         stream.rank, stream.world_size = self._world()
+        # the stream keeps its own epoch count: a pass that stopped early (max_steps, a crash, a checkpoint
+        # written after `fit` returned, when Lightning's epoch counter has already moved on) is finished first,
+        # and a new epoch starts only once every window of the current one was consumed
+        if stream.num_steps(self._position, stream.world_size) == 0:
+            self._epoch, self._position = self._epoch + int(self._position > 0), 0
+        stream.epoch, stream.start = self._epoch, self._position
         rem = stream.num_windows - stream.start
         dropped = rem % (stream.batch_size * stream.world_size)
         if 0 < dropped < stream.world_size and not self._warned_drop:
@@ -310,9 +311,8 @@ class CharStreamDataModule(pl.LightningDataModule):
         for key in ("noise_seed", "num_noisy"):
             if key in state:
                 values[key] = as_int(state, key, where)
-        self._pending = values
-        if self.train_stream is not None:
-            self._apply_state(values)
+        self.setup()  # reads the text (idempotent), so the checkpoint is checked against it right away
+        self._apply_state(values)
 
     def _apply_state(self, values: dict[str, int]) -> None:
         where = f"datamodule[{type(self).__name__}]"
@@ -323,7 +323,7 @@ class CharStreamDataModule(pl.LightningDataModule):
                     where, key, f"the checkpoint's stream has {key}={values[key]}, but this DataModule has "
                     f"{key}={value}: resuming would skip or replay windows.",
                     "Resume with the same text, seq_len, seed and noise settings, or start the stream fresh.")
-        self._epoch, self._position, self._pending = values["epoch"], values["position"], None
+        self._epoch, self._position = values["epoch"], values["position"]
 
     @staticmethod
     def bits_per_char(loss_nats: float | Tensor) -> float:
