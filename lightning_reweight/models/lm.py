@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from lightning_reweight.contract import reduce_loss
 from lightning_reweight.sequence import sequence_losses
@@ -85,7 +84,7 @@ class CharTransformerLM(pl.LightningModule):
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied
         self.keys = StreamKeys(slots=key_slots) if sample_keys == "hashed" else None
-        self.val_loss = MeanMetric()
+        self._val_sums: Tensor | None = None  # (summed token NLL, token count) of this validation pass
         self.apply(self._init)
 
     @staticmethod
@@ -119,20 +118,23 @@ class CharTransformerLM(pl.LightningModule):
         self.log("train/loss", losses.detach().mean(), prog_bar=True)
         return reduce_loss(self, losses, self._index(batch))
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self(batch["x"])
         y = batch["y"]
+        nll = F.cross_entropy(self(batch["x"]).flatten(0, 1).float(), y.flatten(),
+                              ignore_index=self.hparams.ignore_index, reduction="sum")
         ntok = (y != self.hparams.ignore_index).sum()
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=self.hparams.ignore_index,
-                               reduction="sum")
-        if int(ntok):
-            self.val_loss.update(loss / ntok, weight=ntok)
+        assert self._val_sums is not None
+        self._val_sums += torch.stack([nll.double(), ntok.double()])
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, sync_dist=False)
-        self.log("val/bpc", loss / math.log(2.0), prog_bar=True, sync_dist=False)
+        assert self._val_sums is not None
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")  # all ranks' tokens
+        loss = (sums[0] / sums[1].clamp(min=1)).float()
+        self.log("val/loss", loss)
+        self.log("val/bpc", loss / math.log(2.0), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
