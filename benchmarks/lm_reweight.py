@@ -10,7 +10,8 @@ Settings: (a) clean training text; (b) 20 % of the training windows replaced by 
 of the text's alphabet (fixed per window; inputs and targets). Validation is always the clean held-out 10 %
 (the first ``--val-windows`` windows).
 
-Reported, mean ± std over seeds (model init + data order): final clean validation bits per character; steps
+Reported, mean ± std over seeds (model init + data order): final clean validation bits per character and its
+difference to the uniform run of the same seed (paired: same init, same data order); steps
 and seconds until validation bpc first reaches the target (1.02 × uniform's final mean bpc in that setting;
 "-" when a seed never reaches it); the median step time (on_train_batch_start -> end) and its ratio to
 uniform's (from the runs above: noisy on a shared machine). ``overhead_ratio_lm`` comes from a separate
@@ -143,7 +144,12 @@ def main() -> None:
             key = f"val_bpc_{rule}" if setting == "clean" else f"val_bpc_noisy_{rule}"
             figures[key] = m
             figures[key + "_std"] = s
+            # paired by seed (same init and data order as the uniform run): the rule's effect without seed noise
+            uni = {r["seed"]: r["bpc"] for r in rows if r["setting"] == setting and r["rule"] == "uniform"}
+            dm, ds = mean_std([r["bpc"] - uni[r["seed"]] for r in rs])
+            figures[key.replace("val_bpc_", "delta_bpc_")] = dm
             table.append({"setting": setting, "rule": rule, "val bpc": f"{m:.3f} ± {s:.3f}",
+                          "Δ vs uniform (paired)": f"{dm:+.3f} ± {ds:.3f}",
                           "target": f"{target:.3f}", "reached": f"{len(reached)}/{len(rs)}",
                           "steps to target": "-" if steps_m != steps_m else f"{steps_m:.0f}",
                           "s to target": "-" if secs_m != secs_m else f"{secs_m:.1f}",

@@ -20,7 +20,7 @@ class GlobalBatch:
 
     Attributes:
         losses: detached float32 per-sample losses of the global batch (after any ``transform_losses``).
-        index: int64 dataset indices.
+        index: int64 dataset indices (or stream keys); all ``-1`` on the index-free streaming path.
         group: int64 group ids or ``None``.
         target: targets or ``None``.
         extras: other per-sample tensors the module handed to ``reduce_loss`` (detached, gathered).
