@@ -192,7 +192,8 @@ class CharStreamDataModule(pl.LightningDataModule):
         seq_len: characters per training sequence.
         batch_size: sequences per rank per step.
         val_batch_size: validation batch size (default ``batch_size``).
-        num_workers: DataLoader workers of the training stream.
+        num_workers: DataLoader workers of the training stream (not persistent: each pass starts them afresh
+            with the stream's current epoch and start position).
         seed: shuffle seed (epoch ``e`` uses ``(seed, e)``).
         noise_frac: fraction of training windows replaced by random characters (benchmarks; 0 = clean).
         noise_seed: seed of the noisy subset.
