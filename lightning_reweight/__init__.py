@@ -17,7 +17,8 @@ from lightning_reweight.contract import MissingIndexError, reduce_loss
 from lightning_reweight.data import IndexedDataset, SamplingDataModule, indexed_collate
 from lightning_reweight.rules import create_rule
 from lightning_reweight.samplers import RS2Sampler, WeightedSampler
-from lightning_reweight.state import SampleStateTable
+from lightning_reweight.sequence import sequence_losses
+from lightning_reweight.state import SampleStateTable, StreamKeys
 
 __version__ = "0.1.0.dev0"
 
@@ -38,8 +39,10 @@ __all__ = [
     "LossReweighting",
     "MissingIndexError",
     "SampleStateTable",
+    "StreamKeys",
     "WeightingCallback",
     "create_rule",
     "indexed_collate",
     "reduce_loss",
+    "sequence_losses",
 ]

@@ -104,6 +104,29 @@ def _batch_device(losses: Tensor, callbacks: list[WeightingCallback]) -> torch.d
     return losses.device if ok else torch.device("cpu")
 
 
+def _index_free(callbacks: list, losses: Tensor) -> Tensor:
+    """The index-free (streaming) path: every callback must work from the global batch alone.
+
+    Returns the placeholder index (all ``-1``) that ``GlobalBatch.index`` then holds; raises
+    ``MissingIndexError`` naming each callback that needs per-sample state and the fix.
+    """
+    needing = [cb for cb in callbacks if cb.needs_index]
+    if needing:
+        names = ", ".join(type(cb).__name__ for cb in needing)
+        stateless = [type(cb).__name__ for cb in needing if not cb.needs_sample_state]
+        hint = (
+            f" {', '.join(stateless)} only keeps a per-sample table for bookkeeping: pass `track_samples=False` "
+            "to run it on a stream without an index (docs/lm.md)." if stateless else ""
+        )
+        raise MissingIndexError(
+            f"{names} needs the dataset index (or a stable stream key) of every sample, but `reduce_loss` got "
+            "none. Wrap a map-style training dataset in `lightning_reweight.data.IndexedDataset`, or pass a "
+            "stable per-sample key from the stream (`lightning_reweight.state.StreamKeys`), and change two "
+            "lines of `training_step`:" + _TWO_LINES + hint
+        )
+    return torch.full((losses.shape[0],), -1, dtype=torch.int64, device=losses.device)
+
+
 def reduce_loss(
     module: pl.LightningModule,
     losses: Tensor,
@@ -123,7 +146,9 @@ def reduce_loss(
     Args:
         module: the LightningModule (``self`` inside ``training_step``).
         losses: ``(B,)`` per-sample losses with gradient (``reduction="none"``).
-        index: ``(B,)`` integer dataset indices of the samples (``IndexedDataset`` provides them).
+        index: ``(B,)`` integer dataset indices of the samples (``IndexedDataset`` provides them) or stable
+            stream keys mapped by ``StreamKeys``; ``None`` on a stream when every attached callback needs only
+            the global batch (``needs_index`` is false, e.g. ``LossReweighting(track_samples=False)``).
         group: optional ``(B,)`` integer group ids (−1 = unknown).
         target: optional ``(B,)`` targets (for class-aware callbacks).
         **extras: other per-sample tensors a callback needs (e.g. ``consistency=`` for AdaWAC).
@@ -136,7 +161,7 @@ def reduce_loss(
         ValueError: scalar or multi-dimensional losses, NaN/inf losses, size mismatches, an index or group
             tensor that is not 1-D, an empty global batch, weights that are negative, non-finite or all zero.
         TypeError: float or bool ``index`` / ``group``.
-        MissingIndexError: a weighting callback is attached but ``index`` is ``None``.
+        MissingIndexError: ``index`` is ``None`` but an attached callback needs per-sample state.
         IndexError: indices outside ``[0, N)``, N the training set size (``num_samples`` or the train
             dataloader's data set), also for callbacks without a table.
     """
@@ -145,12 +170,9 @@ def reduce_loss(
     callbacks = weighting_callbacks(trainer)
     if not callbacks or not trainer.training:
         return losses.mean()
-    if index is None:
-        names = ", ".join(type(cb).__name__ for cb in callbacks)
-        raise MissingIndexError(
-            f"{names} needs the dataset index of every sample, but `reduce_loss` got none. Wrap the training "
-            "dataset in `lightning_reweight.data.IndexedDataset` and change two lines of `training_step`:" + _TWO_LINES
-        )
+    keyed = index is not None
+    if not keyed:
+        index = _index_free(callbacks, losses)
     # ---- 1. local input checks (shapes and dtypes: no computation yet)
     n = losses.shape[0]
     if not losses.is_floating_point():
@@ -189,7 +211,8 @@ def reduce_loss(
     # ---- 3. propose: validate, transform and weigh without changing any state
     for cb in callbacks:
         cb.ensure_table(trainer, module)
-    num_samples = _training_set_size(callbacks, trainer)
+    # the index range is checked against the training set size, except on the index-free path (all -1)
+    num_samples = _training_set_size(callbacks, trainer) if keyed else None
     # first host read (with sync_checks): the losses are finite and the indices lie in [0, N). Checked on the
     # gathered batch, so under DDP every rank raises together (a rank-local raise would hang the others)
     finite = torch.isfinite(batch.losses).all()

@@ -37,3 +37,15 @@ def test_digits_recipe_fast_dev_run(recipe, tmp_path, monkeypatch):
     cli = build_cli(["fit", "--config", str(recipe), "--trainer.fast_dev_run=2", "--trainer.logger=false",
                      f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step >= 1
+
+
+def test_lm_recipe_fast_dev_run(tmp_path, monkeypatch):
+    from lightning_reweight.data.text import default_text_path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "lm_reweight.yaml"
+    if not default_text_path().is_file():
+        pytest.skip(f"needs {default_text_path()}")
+    monkeypatch.chdir(recipe.parents[1])
+    cli = build_cli(["fit", "--config", str(recipe), "--trainer.fast_dev_run=true", "--trainer.logger=false",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 1 and "val/bpc" in cli.trainer.callback_metrics

@@ -25,7 +25,7 @@ class GlobalBatch:
 
     Attributes:
         losses: detached float32 per-sample losses of the global batch (after any ``transform_losses``).
-        index: int64 dataset indices.
+        index: int64 dataset indices (or stream keys); all ``-1`` on the index-free streaming path.
         group: int64 group ids or ``None``.
         target: targets or ``None``.
         extras: other per-sample tensors the module handed to ``reduce_loss`` (detached, gathered).
@@ -52,12 +52,15 @@ class GlobalBatch:
 
 
 def infer_num_samples(trainer: pl.Trainer) -> int | None:
-    """The train data set's length, when the Trainer's train dataloader exposes one."""
+    """The train data set's ``num_keys`` (streams with stable keys) or length, when the train dataloader has one."""
     loader = getattr(trainer, "train_dataloader", None)
     loaders = loader.values() if isinstance(loader, dict) else loader if isinstance(loader, (list, tuple)) else [loader]
     for dl in loaders:
         dataset = getattr(dl, "dataset", None)
         if dataset is not None:
+            keys = getattr(dataset, "num_keys", None)  # a stream's stable-key range (data/text.py)
+            if isinstance(keys, int) and not isinstance(keys, bool):
+                return keys
             try:
                 return len(dataset)
             except TypeError:
@@ -120,6 +123,11 @@ class WeightingCallback(Callback):
     #: every attached callback says so, ``reduce_loss`` keeps the batch on the losses' device
     device_ready: bool = False
 
+    #: whether ``compute_weights`` reads per-sample state keyed by ``batch.index``; rules that need only the
+    #: global batch (LossReweighting, GroupDRO) set it to ``False`` and then run without an index when
+    #: ``track_samples=False`` (the streaming mode, see docs/lm.md)
+    needs_sample_state: bool = True
+
     def __init__(self, num_samples: int | None = None, track_samples: bool = True, ema_decay: float = 0.9,
                  log_every_n_steps: int = 50, log_histogram: bool = True, name: str | None = None, *,
                  fresh_table: bool = False, device: str | torch.device = "auto", sync_checks: bool = True):
@@ -163,6 +171,11 @@ class WeightingCallback(Callback):
     def checkpoint_where(self) -> str:
         """The name of this callback's ``extra`` entry in a checkpoint, for ``CheckpointStateError`` messages."""
         return f"callbacks[{self.state_key!r}]['extra']"
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether this callback needs a per-sample index (or stable stream key) from ``reduce_loss``."""
+        return self.needs_sample_state or self.track_samples
 
     # ------------------------------------------------------------------ subclass API
     def extra_columns(self) -> dict[str, Column]:

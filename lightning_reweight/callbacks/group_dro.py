@@ -63,6 +63,7 @@ class GroupDRO(GroupCallback):
 
     normalized = False
     log_prefix = "group_dro"
+    needs_sample_state = False  # per-group state only: runs without an index (streams)
 
     def __init__(
         self,

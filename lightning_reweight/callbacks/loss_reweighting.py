@@ -103,6 +103,7 @@ class LossReweighting(WeightingCallback):
     """
 
     log_prefix = "reweight"
+    needs_sample_state = False  # the weights need only the global batch (streams: ``track_samples=False``)
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """Data: the index-yielding wrapper, collate, DataModule plugins and real-data DataModules.
 
 Real-data modules read from ``root`` (default ``../shared/datasets``): ``AdultDataModule``,
-``CIFAR10CDataModule``, ``ISBI2012DataModule``, ``PH2DataModule``.
+``CIFAR10CDataModule``, ``ISBI2012DataModule``, ``PH2DataModule``; streamed text: ``CharStreamDataModule``.
 """
 
 from lightning_reweight.data.adult import AdultDataModule
@@ -12,10 +12,13 @@ from lightning_reweight.data.indexed import IndexedDataset, indexed_collate, inf
 from lightning_reweight.data.plugin import SamplingDataModule, register_sampler
 from lightning_reweight.data.segmentation import ISBI2012DataModule, PH2DataModule
 from lightning_reweight.data.smote import SMOTEDataModule, smote_resample
+from lightning_reweight.data.text import CharStreamDataModule, CharWindowStream
 
 __all__ = [
     "AdultDataModule",
     "CIFAR10CDataModule",
+    "CharStreamDataModule",
+    "CharWindowStream",
     "DigitsDataModule",
     "ISBI2012DataModule",
     "IndexedDataset",
