@@ -86,7 +86,10 @@ def _check_ids(name: str, value: Any, n: int, what: str) -> Tensor:
 
 
 def _host(values: list[Tensor]) -> list[float]:
-    """Read a few scalars back to the host in one transfer (the step's only host synchronisations)."""
+    """Read a few scalars back to the host in one transfer (the step's only host synchronisations; on the
+    CPU a plain read of each, which costs less than stacking them)."""
+    if values[0].device.type == "cpu":
+        return [v.item() for v in values]
     return torch.stack([v.reshape(()).to(torch.float64) for v in values]).tolist()
 
 
@@ -216,7 +219,7 @@ def reduce_loss(
     # first host read (with sync_checks): the losses are finite and the indices lie in [0, N). Checked on the
     # gathered batch, so under DDP every rank raises together (a rank-local raise would hang the others)
     finite = torch.isfinite(batch.losses).all()
-    lo, hi = batch.index.min(), batch.index.max()
+    lo, hi = batch.index.aminmax()
     if sync:
         good, lo, hi = _host([finite, lo, hi])
         if not good:
@@ -263,25 +266,30 @@ def reduce_loss(
         proposals.append((cb, w))
 
     # ---- 4. validate the proposals and their combination (one host read)
-    normalized_part = torch.ones(len(batch), dtype=torch.float32, device=device)
-    raw_part = torch.ones(len(batch), dtype=torch.float32, device=device)
+    normalized_part: Tensor | None = None
+    raw_part: Tensor | None = None
     flags: list[Tensor] = []
-    any_normalized = False
     for cb, w in proposals:
         if w is None:
             continue
-        flags.append(torch.isfinite(w).all() & (w >= 0).all())
+        low, high = w.aminmax()  # a NaN shows in both; -inf in the min, +inf in the max
+        flags.append((low >= 0) & (high < float("inf")))
         if cb.normalized:
-            normalized_part, any_normalized = normalized_part * w, True
+            normalized_part = w if normalized_part is None else normalized_part * w
         else:
-            raw_part = raw_part * w
-    if any_normalized:  # renormalise the product of the mean-1 factors; unnormalised factors keep their scale
+            raw_part = w if raw_part is None else raw_part * w
+    if normalized_part is not None:  # renormalise the product of the mean-1 factors; unnormalised ones keep scale
         total = normalized_part.sum()
-        scale = torch.where(total > 0, len(batch) / total, torch.ones_like(total))
-        normalized_part = normalized_part * scale
-    weights = normalized_part * raw_part
+        normalized_part = normalized_part * torch.where(total > 0, len(batch) / total, torch.ones_like(total))
+    if normalized_part is None and raw_part is None:
+        weights = torch.ones(len(batch), dtype=torch.float32, device=device)
+    else:
+        weights = normalized_part if raw_part is None else raw_part if normalized_part is None \
+            else normalized_part * raw_part
+    # the parts are finite and non-negative when the flags above hold, so a finite positive total means
+    # finite combined weights (an overflow of the product shows as an infinite total)
     total = weights.sum()
-    flags += [torch.isfinite(weights).all(), total > 0]
+    flags += [torch.isfinite(total), total > 0]
     if sync:
         ok = _host(flags)
         named_cbs = [cb for cb, w in proposals if w is not None]
@@ -320,7 +328,11 @@ def reduce_loss(
                 "(Checks that can fail belong in `validate_batch` or `compute_weights`.)"
             ) from err
         committed.append(type(cb).__name__)
-    w_local = weights[batch.local].to(local_losses.device, local_losses.dtype)
+    w_local = weights[batch.local]
+    if w_local.device != local_losses.device or w_local.dtype != local_losses.dtype:
+        w_local = w_local.to(local_losses.device, local_losses.dtype)
     # W/B_global · Σ_local w·ℓ: DDP's gradient mean over W ranks gives exactly (1/B_global) Σ_global w·ℓ,
     # also when ranks hold different batch sizes (one process: the plain weighted mean)
+    if local_losses.dtype in (torch.float32, torch.float64):
+        return torch.dot(w_local, local_losses) * (batch.world_size / len(batch))
     return (w_local * local_losses).sum() * (batch.world_size / len(batch))

@@ -140,6 +140,7 @@ class ImportanceSampling(WeightingCallback):
         self._refreshes = 0
         self._last_mixing = 1.0
         self._targets: Tensor | None = None
+        self._num_classes = 0
         self._draws = torch.zeros(0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ table columns
@@ -159,6 +160,9 @@ class ImportanceSampling(WeightingCallback):
                 * trainer.accumulate_grad_batches
         targets = getattr(dataset, "targets", None)
         self._targets = targets.long() if isinstance(targets, Tensor) and targets.numel() == n else None
+        # read once here (O(N)), not per step: 0 when there are no usable class ids
+        self._num_classes = (int(self._targets.max()) + 1 if self._targets is not None and self._targets.numel()
+                             and int(self._targets.min()) >= 0 else 0)
         self.sampler = ImportanceSampler(n, num_samples=num_samples, replacement=self.replacement, seed=self.seed,
                                          num_replicas=trainer.world_size, rank=trainer.global_rank)
         return self.sampler
@@ -206,11 +210,10 @@ class ImportanceSampling(WeightingCallback):
                             pl_module: pl.LightningModule) -> None:
         super().on_weights_computed(batch, weights, trainer, pl_module)
         table = self.table
-        seen = table["is_seen"] > 0
-        scatter_ema_(table["is_score"], seen, batch.index, self._scores(batch), self.smoothing)
-        table.columns["is_seen"] = seen.to(table["is_seen"].dtype)
-        if self._targets is not None and int(self._targets.min()) >= 0:  # empirical class frequency of the draws
-            counts = torch.bincount(self._targets[batch.index], minlength=int(self._targets.max()) + 1).double()
+        # O(batch): only the batch's rows of ``is_score`` / ``is_seen`` are read and written
+        scatter_ema_(table["is_score"], table["is_seen"], batch.index, self._scores(batch), self.smoothing)
+        if self._num_classes:  # empirical class frequency of the draws
+            counts = torch.bincount(self._targets[batch.index], minlength=self._num_classes).double()
             self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
 
     # ------------------------------------------------------------------ refresh

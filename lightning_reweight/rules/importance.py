@@ -81,7 +81,8 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
 
     Args:
         values: ``(N,)`` float table column (modified).
-        seen: ``(N,)`` bool column (modified: set True at ``index``).
+        seen: ``(N,)`` bool column, or a numeric column where ``> 0`` means seen (modified: set True / 1 at
+            ``index``). Only the rows ``index`` are read and written: O(batch).
         index: ``(B,)`` long dataset indices (may repeat).
         new: ``(B,)`` new observations.
         rate: weight of a new observation, in ``(0, 1]``.
@@ -95,7 +96,7 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
     idx_s, order = torch.sort(index, stable=True)
     if not bool((idx_s[1:] == idx_s[:-1]).any()):  # no repeats (the common case): one vectorised step
         old = values[index].to(torch.float64)
-        values[index] = torch.where(seen[index], (1.0 - rate) * old + rate * new, new).to(values.dtype)
+        values[index] = torch.where(seen[index] > 0, (1.0 - rate) * old + rate * new, new).to(values.dtype)
         seen[index] = True
         return
     new_s = new[order]
@@ -105,7 +106,7 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
     m = counts[inverse]
     keep = 1.0 - rate
     coef = rate * torch.pow(torch.full_like(new_s, keep), (m - 1 - pos).to(new_s.dtype))
-    was_seen = seen[uniq]
+    was_seen = seen[uniq] > 0
     first_unseen = (pos == 0) & ~was_seen[inverse]
     coef = torch.where(first_unseen, torch.pow(torch.full_like(new_s, keep), (m - 1).to(new_s.dtype)), coef)
     contrib = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device).index_add_(0, inverse, coef * new_s)

@@ -223,6 +223,12 @@ class SampleStateTable:
                 raise ValueError(
                     f"Expected {b} values for column {name!r} (one per index), but got {val.numel()}."
                 )
+        counted = False
+        if self.device.type == "cpu":
+            unique, counted = self._count_unique(index)
+            if unique:
+                self._write_unique(index, values)
+                return
         # fixed-shape duplicate merge (no torch.unique: its output size would need a host sync on a GPU)
         sorted_index, perm = torch.sort(index)
         left = torch.searchsorted(sorted_index, sorted_index)
@@ -250,9 +256,50 @@ class SampleStateTable:
                 new = spec.decay * old + (1 - spec.decay) * mean
                 col.index_put_((sorted_index,), torch.where(torch.isnan(old), mean, new).to(col.dtype))
         for name, spec in self.specs.items():
-            if spec.kind == "count":
+            if spec.kind == "count" and not counted:
                 col = self.columns[name]
                 col.index_add_(0, index, torch.ones(b, dtype=col.dtype, device=col.device))
+
+    def _count_unique(self, index: Tensor) -> tuple[bool, bool]:
+        """CPU fast path, step 1: whether no index of the batch repeats (the common case), and whether the
+        ``count`` columns were advanced already.
+
+        The check is nearly free: the ``count`` column advances first and the rows' increments are read back
+        (a host read, cheap on the CPU); without a count column the sorted indices are compared.
+        """
+        counts = [name for name, spec in self.specs.items() if spec.kind == "count"]
+        if not counts:
+            ordered = torch.sort(index).values
+            return not bool((ordered[1:] == ordered[:-1]).any()), False
+        col = self.columns[counts[0]]
+        before = col[index]
+        col.index_add_(0, index, torch.ones(index.numel(), dtype=col.dtype))
+        unique = bool((col[index] - before).max() == 1)
+        for name in counts[1:]:
+            other = self.columns[name]
+            other.index_add_(0, index, torch.ones(index.numel(), dtype=other.dtype))
+        return unique, True
+
+    def _write_unique(self, index: Tensor, values: dict[str, Tensor]) -> None:
+        """CPU fast path, step 2: no index repeats, so every column is written directly (a sample seen once
+        keeps its value exactly, as in the duplicate merge)."""
+        for name, val in values.items():
+            spec, col = self.specs[name], self.columns[name]
+            if spec.kind == "count":
+                continue
+            val = val.detach().reshape(-1)
+            if val.dtype != col.dtype or val.device != col.device:
+                val = val.to(col.device, col.dtype if col.is_floating_point() else torch.float32).to(col.dtype)
+            if spec.kind == "sum":
+                col.index_add_(0, index, val)
+            elif spec.kind == "max":
+                col.scatter_reduce_(0, index, val, "amax", include_self=True)
+            elif spec.kind == "last":
+                col[index] = val
+            else:  # ema; NaN (never seen) entries take the first value
+                old = col[index]
+                new = spec.decay * old + (1 - spec.decay) * val
+                col[index] = torch.where(torch.isnan(old), val, new)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
