@@ -30,9 +30,10 @@ class GroupCallback(WeightingCallback):
     """A ``WeightingCallback`` that needs group ids: resolves ``num_groups``, validates ids, logs group stats."""
 
     def __init__(self, num_groups: int | None, ignore_index: int | None, log_every_n_steps: int,
-                 log_histogram: bool, name: str | None):
+                 log_histogram: bool, name: str | None, *, fresh_table: bool = False,
+                 device: str | torch.device = "auto", sync_checks: bool = True):
         super().__init__(track_samples=False, log_every_n_steps=log_every_n_steps, log_histogram=log_histogram,
-                         name=name)
+                         name=name, fresh_table=fresh_table, device=device, sync_checks=sync_checks)
         if num_groups is not None and (not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1):
             raise ValueError(f"Expected argument `num_groups` to be a positive int or None, but got {num_groups!r}.")
         if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)

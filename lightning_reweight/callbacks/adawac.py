@@ -57,6 +57,8 @@ class AdaWAC(WeightingCallback):
         sparse_key: name of the optional extra flagging label-sparse samples (logging only).
         num_samples: training set size N (inferred from the train dataloader if ``None``).
         ema_decay, log_every_n_steps, log_histogram, name: see ``WeightingCallback``.
+        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (``device_ready``: the
+            table follows the module onto a GPU and a step issues no host sync with ``sync_checks=False``).
 
     Raises:
         ValueError: a negative or non-finite ``eta``; at run time a missing or mis-shaped consistency loss.
@@ -79,8 +81,13 @@ class AdaWAC(WeightingCallback):
         log_every_n_steps: int = 50,
         log_histogram: bool = True,
         name: str | None = None,
+        *,
+        fresh_table: bool = False,
+        device: str | torch.device = "auto",
+        sync_checks: bool = True,
     ):
-        super().__init__(num_samples, True, ema_decay, log_every_n_steps, log_histogram, name)
+        super().__init__(num_samples, True, ema_decay, log_every_n_steps, log_histogram, name,
+                         fresh_table=fresh_table, device=device, sync_checks=sync_checks)
         self.eta = check_eta(eta)
         if not isinstance(consistency_key, str) or not consistency_key:
             raise ValueError(f"Expected argument `consistency_key` to be a non-empty string, but got {consistency_key!r}.")

@@ -86,6 +86,8 @@ class GroupBalancing(WeightingCallback):
         replacement: upsample with replacement (default) or without (then ``num_samples`` ≤ N nonzero items).
         seed: sampler seed (shared by all ranks).
         log_every_n_steps, log_histogram, name: as in ``WeightingCallback``.
+        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
+            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
 
     Example::
 
@@ -112,9 +114,13 @@ class GroupBalancing(WeightingCallback):
         log_every_n_steps: int = 50,
         log_histogram: bool = True,
         name: str | None = None,
+        *,
+        fresh_table: bool = False,
+        device: str | torch.device = "auto",
+        sync_checks: bool = True,
     ) -> None:
         super().__init__(track_samples=False, log_every_n_steps=log_every_n_steps, log_histogram=log_histogram,
-                         name=name)
+                         name=name, fresh_table=fresh_table, device=device, sync_checks=sync_checks)
         if mode not in ("upsample", "upweight"):
             raise ValueError(f"Expected argument `mode` to be 'upsample' or 'upweight', but got {mode!r}.")
         if unit not in ("epoch", "step"):

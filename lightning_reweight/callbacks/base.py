@@ -301,6 +301,16 @@ class WeightingCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_size = None  # the train dataloader may have been reloaded
 
+    def host_checks(self, batch: GlobalBatch) -> bool:
+        """Whether this step may read a check's result back to the host now: on the CPU (a cheap read) or
+        with ``sync_checks=True``. Otherwise (a batch on a GPU with ``sync_checks=False``) a callback hands
+        its check to ``defer_check`` and it is read at the end of the epoch / the next checkpoint."""
+        return self.sync_checks or batch.losses.device.type == "cpu"
+
+    def defer_check(self, ok: Tensor) -> None:
+        """Keep a 0-d bool check of this step for ``check_deferred`` (no host synchronisation now)."""
+        self._deferred.append(ok.reshape(()))
+
     def check_deferred(self) -> None:
         """Read back the checks ``reduce_loss`` deferred (``sync_checks=False``) and raise if a step failed."""
         if not self._deferred:

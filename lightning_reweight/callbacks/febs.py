@@ -59,6 +59,8 @@ class FairErrorBoundScaling(GroupCallback):
         ignore_index: group id of unknown samples.
         min_scale: floor of ``w_g`` before inverting (keeps multipliers finite).
         log_every_n_steps: how often ``febs/error/group_g``, ``febs/scale/group_g`` and weight stats are logged.
+        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
+            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
 
     Example::
 
@@ -78,8 +80,13 @@ class FairErrorBoundScaling(GroupCallback):
         log_every_n_steps: int = 50,
         log_histogram: bool = True,
         name: str | None = None,
+        *,
+        fresh_table: bool = False,
+        device: str | torch.device = "auto",
+        sync_checks: bool = True,
     ):
-        super().__init__(num_groups, ignore_index, log_every_n_steps, log_histogram, name)
+        super().__init__(num_groups, ignore_index, log_every_n_steps, log_histogram, name,
+                         fresh_table=fresh_table, device=device, sync_checks=sync_checks)
         if not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
             raise ValueError(f"Expected argument `gamma` to be a positive finite number, but got {gamma!r}.")
         if not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:

@@ -54,6 +54,8 @@ class GroupDRO(GroupCallback):
         group_counts: training-set count per group for the adjustment (inferred from the data set if ``None``).
         ignore_index: group id of samples outside every group.
         log_every_n_steps: how often ``group_dro/q/group_g``, ``group_dro/loss/group_g`` and weight stats are logged.
+        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
+            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
 
     Example::
 
@@ -75,8 +77,13 @@ class GroupDRO(GroupCallback):
         log_every_n_steps: int = 50,
         log_histogram: bool = True,
         name: str | None = None,
+        *,
+        fresh_table: bool = False,
+        device: str | torch.device = "auto",
+        sync_checks: bool = True,
     ):
-        super().__init__(num_groups, ignore_index, log_every_n_steps, log_histogram, name)
+        super().__init__(num_groups, ignore_index, log_every_n_steps, log_histogram, name,
+                         fresh_table=fresh_table, device=device, sync_checks=sync_checks)
         if not isinstance(step_size, (int, float)) or not math.isfinite(step_size) or step_size <= 0:
             raise ValueError(f"Expected argument `step_size` to be a positive finite number, but got {step_size!r}.")
         if adjustment is not None:

@@ -78,6 +78,8 @@ class ImportanceSampling(WeightingCallback):
             approximation of the without-replacement inclusion probabilities).
         seed: sampler seed (shared by all ranks).
         log_every_n_steps, log_histogram, name: as in ``WeightingCallback``.
+        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
+            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
 
     Example::
 
@@ -104,9 +106,13 @@ class ImportanceSampling(WeightingCallback):
         log_every_n_steps: int = 50,
         log_histogram: bool = True,
         name: str | None = None,
+        *,
+        fresh_table: bool = False,
+        device: str | torch.device = "auto",
+        sync_checks: bool = True,
     ) -> None:
         super().__init__(num_samples=None, track_samples=True, log_every_n_steps=log_every_n_steps,
-                         log_histogram=log_histogram, name=name)
+                         log_histogram=log_histogram, name=name, fresh_table=fresh_table, device=device, sync_checks=sync_checks)
         if score not in ("grad_norm", "loss"):
             raise ValueError(f"Expected argument `score` to be 'grad_norm' or 'loss', but got {score!r}.")
         if not (isinstance(smoothing, (int, float)) and 0 < smoothing <= 1):

@@ -95,6 +95,12 @@ class LossReweighting(WeightingCallback):
         max_weight: clip weights at this multiple of the mean (``None``: no clip). Mean-1 rules are
             renormalised to mean 1 after the clip; the EMA normaliser's weights are only clipped.
         min_ess_frac: warn when the effective sample size falls below this fraction of the batch (0 disables).
+        fresh_table: start the per-sample table fresh instead of restoring it from a checkpoint (the rest of
+            the state is restored); see ``WeightingCallback``.
+        device: where the per-sample state lives: ``"auto"`` (the module's device when the callback is
+            ``device_ready``, else the CPU), ``"cpu"`` or a device.
+        sync_checks: read the step's validation results back to the host every step (``True``) or defer them
+            to the end of the epoch / the next checkpoint (``False``: no host sync per step on a GPU).
         **kwargs: ``WeightingCallback`` options (``num_samples``, ``track_samples``, ``log_every_n_steps``, ...).
 
     Example::
@@ -103,6 +109,7 @@ class LossReweighting(WeightingCallback):
     """
 
     log_prefix = "reweight"
+    device_ready = True  # tensor ops only on a GPU batch; the ESS-collapse warning is read at logging cadence
     needs_sample_state = False  # the weights need only the global batch (streams: ``track_samples=False``)
 
     def __init__(
@@ -122,8 +129,13 @@ class LossReweighting(WeightingCallback):
         log_every_n_steps: int = 50,
         log_histogram: bool = True,
         name: str | None = None,
+        *,
+        fresh_table: bool = False,
+        device: str | torch.device = "auto",
+        sync_checks: bool = True,
     ):
-        super().__init__(num_samples, track_samples, ema_decay, log_every_n_steps, log_histogram, name)
+        super().__init__(num_samples, track_samples, ema_decay, log_every_n_steps, log_histogram, name,
+                         fresh_table=fresh_table, device=device, sync_checks=sync_checks)
         given = dict(r=r, delta=delta, direction=direction, normalizer=normalizer, ema_rate=ema_rate)
         if isinstance(rule, Rule):
             set_args = sorted(k for k, v in given.items() if v is not None)
@@ -158,7 +170,10 @@ class LossReweighting(WeightingCallback):
         self.ess_collapsed_steps = 0
         self._pending: tuple[GlobalBatch, Any, bool] | None = None
         self._collapsed = False
-        self.last_ess: float | None = None
+        self._collapsed_device: Tensor | None = None
+        self._collapse_batch: tuple[int, int] | None = None
+        #: the last step's effective sample size (a 0-d tensor after a step on a GPU: no host read)
+        self.last_ess: float | Tensor | None = None
 
     @property
     def state_key(self) -> str:
@@ -178,8 +193,10 @@ class LossReweighting(WeightingCallback):
         weights = clip_weights(weights, self.max_weight, renormalize=self.rule.normalized)
         ess, collapsed = None, False
         if self.min_ess_frac > 0:
-            ess = float(effective_sample_size(weights, unit_mass=not self.rule.normalized))
+            ess = effective_sample_size(weights, unit_mass=not self.rule.normalized)
             collapsed = ess < self.min_ess_frac * len(batch)
+            if weights.device.type == "cpu":  # a cheap read; on a GPU both stay 0-d tensors (no host sync)
+                ess, collapsed = float(ess), bool(collapsed)
         self._pending = (batch, pending, collapsed)
         self.last_ess = ess
         return weights
@@ -196,7 +213,11 @@ class LossReweighting(WeightingCallback):
         if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
             self.rule.commit(pending[1])
             collapsed = pending[2]
-            if collapsed:
+            if isinstance(collapsed, Tensor):  # a GPU step: counted on the device, read at logging cadence
+                self._collapsed_device = collapsed.long() if self._collapsed_device is None \
+                    else self._collapsed_device + collapsed.long()
+                self._collapse_batch = (len(batch), batch.global_step)
+            elif collapsed:
                 self.ess_collapsed_steps += 1
                 if not self._collapsed:
                     rank_zero_warn(
@@ -209,7 +230,25 @@ class LossReweighting(WeightingCallback):
             self._collapsed = collapsed
         super().on_weights_computed(batch, weights, trainer, pl_module)
 
+    def _fold_collapses(self) -> None:
+        """Read the ESS collapses counted on a GPU (one host read, at logging cadence or a checkpoint) and
+        warn once per episode, as the CPU path does per step."""
+        if self._collapsed_device is None:
+            return
+        new, self._collapsed_device = int(self._collapsed_device), None
+        size, step = self._collapse_batch or (0, 0)
+        if new and not self._collapsed:
+            rank_zero_warn(
+                f"LossReweighting({self.rule_name!r}): the weights' effective sample size fell below "
+                f"min_ess_frac={self.min_ess_frac} of the {size}-sample batch at {new} step(s) up to step {step}; "
+                "a few samples (or none) drive the update. Raise `r`, set `max_weight`, or check for outlier "
+                f"losses. (Checked at logging cadence on a GPU; counted in `{self.prefix}/ess_collapsed_steps`.)"
+            )
+        self._collapsed = bool(new)
+        self.ess_collapsed_steps += new
+
     def log_extras(self) -> dict[str, float]:
+        self._fold_collapses()
         out = {"ess_collapsed_steps": float(self.ess_collapsed_steps)}
         log_z = getattr(self.rule, "log_normalizer", None)
         if log_z is not None:
@@ -217,6 +256,7 @@ class LossReweighting(WeightingCallback):
         return out
 
     def extra_state(self) -> dict[str, Any]:
+        self._fold_collapses()
         return {"rule": self.rule.state_dict(), "ess_collapsed_steps": self.ess_collapsed_steps}
 
     def _read_extra(self, state: Any) -> tuple[Rule, int]:

@@ -72,10 +72,14 @@ def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> T
     """Map losses into ``[−δ, δ]``: ``δ(2ℓ − ℓ_max − ℓ_min) / max(ℓ_max − ℓ_min, eps)``.
 
     All-equal losses map to 0 (then every strategy gives uniform weights). The range and the scale are
-    Python floats and the result is formed as ``ℓ·(2δ/range) − (ℓ_max + ℓ_min)·δ/range`` (float64 when that
+    Python floats (on the CPU; 0-d float64 tensors elsewhere, without a host read) and the result is formed as ``ℓ·(2δ/range) − (ℓ_max + ℓ_min)·δ/range`` (float64 when that
     could overflow), so finite but huge losses (e.g. ``3e38`` in float32) cannot overflow
     ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
+    if losses.device.type != "cpu":  # tensor ops only: no host synchronisation on a GPU
+        lo_t, hi_t = losses.double().aminmax()
+        scale_t = delta / (hi_t - lo_t).clamp_min(eps)
+        return (losses.double() * (2 * scale_t) - (hi_t + lo_t) * scale_t).to(losses.dtype)
     lo, hi = (float(v) for v in losses.aminmax())
     scale = delta / max(hi - lo, eps)  # Python floats: no overflow for huge finite losses
     # 2·scale·ℓ stays within ±(2δ + |ℓ_max + ℓ_min|·scale); compute in float64 only if that could overflow
@@ -139,7 +143,9 @@ def kl_dro_weights(
     z = _tilt(losses, r, direction)
     if log_normalizer is None:
         return softmax_weights(z, 1.0).to(losses.dtype)
-    return torch.exp(z - float(log_normalizer)).to(losses.dtype)
+    if not isinstance(log_normalizer, Tensor):
+        log_normalizer = float(log_normalizer)
+    return torch.exp(z - log_normalizer).to(losses.dtype)
 
 
 def _tilt(losses: Tensor, r: float, direction: Direction) -> Tensor:

@@ -154,12 +154,12 @@ class KLDRORule(Rule):
         self.r, self.direction, self.normalizer, self.ema_rate = float(r), direction, normalizer, float(ema_rate)
         self.outlier_cap = None if outlier_cap is None else float(outlier_cap)
         self.normalized = normalizer == "batch"
-        self._log_z: float | None = None
+        self._log_z: float | Tensor | None = None  # a 0-d tensor after a step on a GPU
 
     @property
     def log_normalizer(self) -> float | None:
         """``log Z`` of the running normaliser (``None`` before the first step or with ``"batch"``)."""
-        return self._log_z
+        return None if self._log_z is None else float(self._log_z)
 
     def propose(self, losses: Tensor, validate: bool = True) -> tuple[Tensor, Any]:
         if validate:
@@ -169,23 +169,33 @@ class KLDRORule(Rule):
         z = _tilt(losses, self.r, self.direction)
         if self._log_z is not None and self.outlier_cap is not None:
             z = z.clamp(max=self._log_z + math.log(self.outlier_cap))
+        if z.device.type != "cpu":  # tensor ops only (no host synchronisation): ``log_z`` stays a 0-d tensor
+            batch_z = log_mean_exp(z)
+            if self._log_z is None or self.ema_rate == 1:
+                log_z_t = batch_z
+            else:
+                a = self.ema_rate
+                prev = torch.as_tensor(self._log_z, dtype=torch.float64).to(z.device) \
+                    if not isinstance(self._log_z, Tensor) else self._log_z
+                log_z_t = torch.logaddexp(math.log1p(-a) + prev, math.log(a) + batch_z)
+            return torch.exp(z - log_z_t).to(losses.dtype), log_z_t
         batch_log_z = float(log_mean_exp(z))
         if self._log_z is None or self.ema_rate == 1:
             log_z = batch_log_z
         else:  # log((1 - a)·Z + a·Z_batch), computed in log space
             a = self.ema_rate
-            log_z = float(np.logaddexp(math.log1p(-a) + self._log_z, math.log(a) + batch_log_z))
+            log_z = float(np.logaddexp(math.log1p(-a) + float(self._log_z), math.log(a) + batch_log_z))
         return torch.exp(z - log_z).to(losses.dtype), log_z
 
     def commit(self, pending: Any) -> None:
-        if pending is not None:
-            self._log_z = float(pending)
+        if pending is not None:  # a 0-d tensor from a GPU step stays there (read at logging / checkpointing)
+            self._log_z = pending if isinstance(pending, Tensor) and pending.device.type != "cpu" else float(pending)
 
     def weights(self, losses: Tensor) -> Tensor:
         return self.propose(losses)[0]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"log_z": self._log_z}
+        return {"log_z": self.log_normalizer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``log_z`` (validated first: a finite number or ``None``; a missing key means ``None``)."""
