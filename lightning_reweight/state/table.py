@@ -143,6 +143,7 @@ class SampleStateTable:
         if ema_decay is not None and "ema_loss" in self.specs:
             self.specs["ema_loss"] = Column("ema", float("nan"), decay=ema_decay)
         self.columns: dict[str, Tensor] = {}
+        self._fixed_shape_only = False  # tests: take the device (sync-free) merge on the CPU too
         if _allocate:
             for name, spec in self.specs.items():
                 self._allocate(name, spec)
@@ -224,11 +225,14 @@ class SampleStateTable:
                     f"Expected {b} values for column {name!r} (one per index), but got {val.numel()}."
                 )
         counted = False
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not self._fixed_shape_only:
             unique, counted = self._count_unique(index)
             if unique:
                 self._write_unique(index, values)
-                return
+            else:  # on the CPU the merge may size its output from the data (no sync to avoid)
+                rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
+                self._write_unique(rows, values, inverse, counts)
+            return
         # fixed-shape duplicate merge (no torch.unique: its output size would need a host sync on a GPU)
         sorted_index, perm = torch.sort(index)
         left = torch.searchsorted(sorted_index, sorted_index)
@@ -280,9 +284,12 @@ class SampleStateTable:
             other.index_add_(0, index, torch.ones(index.numel(), dtype=other.dtype))
         return unique, True
 
-    def _write_unique(self, index: Tensor, values: dict[str, Tensor]) -> None:
-        """CPU fast path, step 2: no index repeats, so every column is written directly (a sample seen once
-        keeps its value exactly, as in the duplicate merge)."""
+    def _write_unique(self, index: Tensor, values: dict[str, Tensor], inverse: Tensor | None = None,
+                      counts: Tensor | None = None) -> None:
+        """CPU fast path, step 2: write every column at the distinct rows ``index``. Without ``inverse`` no
+        index repeats and the values are written directly; with it (``torch.unique``'s inverse and counts)
+        repeated samples first take the mean of their values (float64), and ``sum`` / ``max`` columns
+        accumulate over the repeats. A sample seen once keeps its value exactly either way."""
         for name, val in values.items():
             spec, col = self.specs[name], self.columns[name]
             if spec.kind == "count":
@@ -291,10 +298,15 @@ class SampleStateTable:
             if val.dtype != col.dtype or val.device != col.device:
                 val = val.to(col.device, col.dtype if col.is_floating_point() else torch.float32).to(col.dtype)
             if spec.kind == "sum":
-                col.index_add_(0, index, val)
-            elif spec.kind == "max":
-                col.scatter_reduce_(0, index, val, "amax", include_self=True)
-            elif spec.kind == "last":
+                col.index_add_(0, index if inverse is None else index[inverse], val)
+                continue
+            if spec.kind == "max":
+                col.scatter_reduce_(0, index if inverse is None else index[inverse], val, "amax", include_self=True)
+                continue
+            if inverse is not None:
+                sums = torch.zeros(index.numel(), dtype=torch.float64).index_add_(0, inverse, val.double())
+                val = (sums / counts).to(val.dtype)
+            if spec.kind == "last":
                 col[index] = val
             else:  # ema; NaN (never seen) entries take the first value
                 old = col[index]

@@ -81,15 +81,19 @@ def test_state_dict_aliases_the_live_columns_and_load_takes_ownership():
     assert t2["count"].dtype == torch.int64 and t2["weight"].data_ptr() == state["columns"]["weight"].data_ptr()
 
 
-def test_update_merges_duplicates_with_fixed_shapes_like_a_reference():
-    """The sort/searchsorted merge equals a per-sample reference (mean of duplicates, EMA on the mean)."""
+@pytest.mark.parametrize("path", ["host", "fixed_shape"])
+def test_update_merges_duplicates_with_fixed_shapes_like_a_reference(path):
+    """Both merges equal a per-sample reference (mean of duplicates, EMA on the mean), for batches with and
+    without repeated indices: the CPU path (direct writes, or ``torch.unique`` when an index repeats) and the
+    sort/searchsorted merge a GPU table uses (no host sync)."""
     g = torch.Generator().manual_seed(0)
     t = SampleStateTable(50, ema_decay=0.7)
+    t._fixed_shape_only = path == "fixed_shape"
     t.add_column("m", Column("max", init=-1.0))
     t.add_column("s", Column("sum"))
     ref = {"loss": [float("nan")] * 50, "ema": [float("nan")] * 50, "count": [0] * 50, "m": [-1.0] * 50, "s": [0.0] * 50}
-    for _ in range(5):
-        idx = torch.randint(0, 50, (40,), generator=g)
+    for step in range(8):
+        idx = torch.randint(0, 50, (40,), generator=g) if step % 2 else torch.randperm(50, generator=g)[:40]
         val = torch.rand(40, generator=g)
         t.update(idx, loss=val, ema_loss=val, m=val, s=val)
         for i in set(idx.tolist()):
