@@ -22,6 +22,7 @@ global weighted mean ``(1/B_global) Σ_global w_i ℓ_i``, exactly, even with un
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -91,6 +92,13 @@ def _host(values: list[Tensor]) -> list[float]:
     if values[0].device.type == "cpu":
         return [v.item() for v in values]
     return torch.stack([v.reshape(()).to(torch.float64) for v in values]).tolist()
+
+
+def _reject_weights(cb: WeightingCallback) -> None:
+    raise ValueError(
+        f"Expected non-negative, finite weights from {type(cb).__name__}, but it returned negative or "
+        "non-finite weights; the step was rejected and no callback state was updated."
+    )
 
 
 def _training_set_size(callbacks: list[WeightingCallback], trainer: pl.Trainer) -> int | None:
@@ -218,10 +226,16 @@ def reduce_loss(
     num_samples = _training_set_size(callbacks, trainer) if keyed else None
     # first host read (with sync_checks): the losses are finite and the indices lie in [0, N). Checked on the
     # gathered batch, so under DDP every rank raises together (a rank-local raise would hang the others)
-    finite = torch.isfinite(batch.losses).all()
+    host = sync and device.type == "cpu"  # host reads are cheap: read each check right away, fewer tensor ops
     lo, hi = batch.index.aminmax()
+    if host:  # a finite sum means finite losses (an overflowing sum falls back to the exact check)
+        good = math.isfinite(batch.losses.sum().item()) or bool(torch.isfinite(batch.losses).all())
+        lo, hi = lo.item(), hi.item()
+    else:
+        finite = torch.isfinite(batch.losses).all()
     if sync:
-        good, lo, hi = _host([finite, lo, hi])
+        if not host:
+            good, lo, hi = _host([finite, lo, hi])
         if not good:
             check_losses(losses)  # raises, naming this rank's bad positions
             raise ValueError("Expected finite per-sample losses on every rank, but another rank has NaN/inf "
@@ -273,32 +287,41 @@ def reduce_loss(
         if w is None:
             continue
         low, high = w.aminmax()  # a NaN shows in both; -inf in the min, +inf in the max
-        flags.append((low >= 0) & (high < float("inf")))
+        if host:
+            if not (low.item() >= 0 and high.item() < math.inf):
+                _reject_weights(cb)
+        else:
+            flags.append((low >= 0) & (high < math.inf))
         if cb.normalized:
             normalized_part = w if normalized_part is None else normalized_part * w
         else:
             raw_part = w if raw_part is None else raw_part * w
     if normalized_part is not None:  # renormalise the product of the mean-1 factors; unnormalised ones keep scale
         total = normalized_part.sum()
-        normalized_part = normalized_part * torch.where(total > 0, len(batch) / total, torch.ones_like(total))
+        if host:
+            t = total.item()
+            normalized_part = normalized_part * (len(batch) / t if t > 0 else 1.0)
+        else:
+            normalized_part = normalized_part * torch.where(total > 0, len(batch) / total, torch.ones_like(total))
     if normalized_part is None and raw_part is None:
         weights = torch.ones(len(batch), dtype=torch.float32, device=device)
     else:
         weights = normalized_part if raw_part is None else raw_part if normalized_part is None \
             else normalized_part * raw_part
-    # the parts are finite and non-negative when the flags above hold, so a finite positive total means
+    # the parts are finite and non-negative when the checks above hold, so a finite positive total means
     # finite combined weights (an overflow of the product shows as an infinite total)
     total = weights.sum()
-    flags += [torch.isfinite(total), total > 0]
+    if host:
+        t = total.item()
+        flags = [math.isfinite(t), t > 0]
+    else:
+        flags += [torch.isfinite(total), total > 0]
     if sync:
-        ok = _host(flags)
+        ok = flags if host else _host(flags)
         named_cbs = [cb for cb, w in proposals if w is not None]
-        for cb, good in zip(named_cbs, ok):
+        for cb, good in zip(named_cbs, ok[:-2]):
             if not good:
-                raise ValueError(
-                    f"Expected non-negative, finite weights from {type(cb).__name__}, but it returned negative or "
-                    "non-finite weights; the step was rejected and no callback state was updated."
-                )
+                _reject_weights(cb)
         if not ok[-2]:
             raise ValueError(
                 "Expected finite combined weights, but the product of the callbacks' weights overflowed; the step "

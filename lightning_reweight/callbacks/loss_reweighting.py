@@ -193,10 +193,14 @@ class LossReweighting(WeightingCallback):
         weights = clip_weights(weights, self.max_weight, renormalize=self.rule.normalized)
         ess, collapsed = None, False
         if self.min_ess_frac > 0:
-            ess = effective_sample_size(weights, unit_mass=not self.rule.normalized)
-            collapsed = ess < self.min_ess_frac * len(batch)
-            if weights.device.type == "cpu":  # a cheap read; on a GPU both stay 0-d tensors (no host sync)
-                ess, collapsed = float(ess), bool(collapsed)
+            if weights.device.type == "cpu":  # two cheap reads (Kish's ESS on mean-1 weights: float32 suffices)
+                total, square = weights.sum().item(), weights.dot(weights).item()
+                ess = total * total / max(square, 1e-300)
+                ess = min(ess, total) if not self.rule.normalized else ess
+                collapsed = ess < self.min_ess_frac * len(batch)
+            else:  # on a GPU both stay 0-d tensors (no host sync), read at logging cadence
+                ess = effective_sample_size(weights, unit_mass=not self.rule.normalized)
+                collapsed = ess < self.min_ess_frac * len(batch)
         self._pending = (batch, pending, collapsed)
         self.last_ess = ess
         return weights

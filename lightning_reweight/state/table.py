@@ -310,8 +310,7 @@ class SampleStateTable:
                 col[index] = val
             else:  # ema; NaN (never seen) entries take the first value
                 old = col[index]
-                new = spec.decay * old + (1 - spec.decay) * val
-                col[index] = torch.where(torch.isnan(old), val, new)
+                col[index] = torch.where(torch.isnan(old), val, torch.lerp(old, val, 1 - spec.decay))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -106,16 +106,24 @@ def test_every_callback_proposes_before_any_commits(tmp_path):
 
 
 def test_checked_step_reads_the_host_twice_and_deferred_checks_not_at_all(tmp_path, monkeypatch):
-    """sync_checks=True: one host read before the proposals, one before the commit; False: none per step."""
+    """sync_checks=True on a device: one host read before the proposals, one before the commit (on the CPU
+    each check is read directly); False: none per step."""
     import lightning_reweight.contract as contract
+    from lightning_reweight import LossReweighting
 
     calls = []
-    monkeypatch.setattr(contract, "_host", lambda v: calls.append(len(v)) or _host(v))
+
+    def fake_host(values):  # a meta tensor cannot be read: answer "valid" (finite, indices 0..3)
+        calls.append(len(values))
+        return [True, 0, 3] if len(calls) == 1 else [True] * len(values)
+
+    monkeypatch.setattr(contract, "_host", fake_host)
     module = TinyModule()
-    cb = Stateful([], name="s")
-    _attach(module, [cb], tmp_path)
-    reduce_loss(module, LOSSES.clone().requires_grad_(), INDEX)
+    _attach(module, [LossReweighting(warmup_steps=0, num_samples=8)], tmp_path)
+    module.to("meta")
+    reduce_loss(module, LOSSES.to("meta").requires_grad_(), INDEX.to("meta"))
     assert len(calls) == 2
+    monkeypatch.setattr(contract, "_host", lambda v: calls.append(len(v)) or _host(v))
 
     calls.clear()
     lazy = Proposes(torch.tensor([1.0, float("nan"), 1.0, 1.0]), armed=True, sync_checks=False)

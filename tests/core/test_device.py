@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_reweight import LossReweighting, WeightingCallback, reduce_loss
+from lightning_reweight import WeightingCallback, reduce_loss
 from lightning_reweight.contract import _batch_device
 
 from .conftest import TinyModule
@@ -27,7 +27,7 @@ META = torch.device("meta")
 def test_batch_stays_on_the_losses_device_only_when_every_callback_is_device_ready():
     losses = torch.empty(4, device=META)
     assert _batch_device(losses, [OnDevice(num_samples=8)]) == META
-    assert _batch_device(losses, [OnDevice(num_samples=8), LossReweighting()]) == torch.device("cpu")
+    assert _batch_device(losses, [OnDevice(num_samples=8), WeightingCallback()]) == torch.device("cpu")
     assert _batch_device(losses, [OnDevice(num_samples=8, device="cpu")]) == torch.device("cpu")
     assert _batch_device(torch.empty(4), [OnDevice(num_samples=8)]) == torch.device("cpu")
 
@@ -36,7 +36,7 @@ def test_table_is_created_on_the_modules_device():
     module_on_meta = SimpleNamespace(device=META)
     assert OnDevice(num_samples=8).ensure_table(None, module_on_meta)["loss"].device == META
     assert OnDevice(num_samples=8, device="cpu").ensure_table(None, module_on_meta)["loss"].device.type == "cpu"
-    assert LossReweighting(num_samples=8).ensure_table(None, module_on_meta)["loss"].device.type == "cpu"
+    assert WeightingCallback(num_samples=8).ensure_table(None, module_on_meta)["loss"].device.type == "cpu"
 
 
 def test_device_table_restored_from_a_cpu_checkpoint_moves_to_the_device():
