@@ -27,7 +27,13 @@ def train_dataset_groups(trainer: pl.Trainer | None) -> Tensor | None:
 
 
 class GroupCallback(WeightingCallback):
-    """A ``WeightingCallback`` that needs group ids: resolves ``num_groups``, validates ids, logs group stats."""
+    """A ``WeightingCallback`` that needs group ids: resolves ``num_groups``, validates ids, logs group stats.
+
+    Its per-group state is a few numbers: on the CPU the math runs on numpy views (torch's per-op overhead
+    dominates there); on a GPU batch it runs as tensor ops on the batch's device, without host reads.
+    """
+
+    device_ready = True
 
     def __init__(self, num_groups: int | None, ignore_index: int | None, log_every_n_steps: int,
                  log_histogram: bool, name: str | None, *, fresh_table: bool = False,
@@ -93,13 +99,28 @@ class GroupCallback(WeightingCallback):
                 "`group` to each batch)."
             )
         self.setup_groups(trainer)
-        self._prepared = (batch, *self._bucket_and_count(batch.group))
+        self._prepared = (batch, *self._bucket_and_count(batch.group, batch))
 
-    def _bucket_and_count(self, group: Tensor) -> tuple[Tensor, Tensor]:
+    def _bucket_and_count(self, group: Tensor, batch: GlobalBatch | None = None) -> tuple[Tensor, Tensor]:
         """Validate the batch's ids once and return ``(bucket ids, counts)``: ids with every ``ignore_index``
-        sample in the extra bucket ``num_groups``, and the ``num_groups + 1`` bucket counts."""
+        sample in the extra bucket ``num_groups``, and the ``num_groups + 1`` bucket counts.
+
+        On a GPU batch only tensor ops run: an invalid id is counted in the extra bucket and reported by the
+        deferred checks (``sync_checks=False``) or right away (``sync_checks=True``, one host read)."""
         assert self.num_groups is not None
         num_groups = self.num_groups
+        if group.device.type != "cpu" and not group.is_floating_point() and group.dtype != torch.bool \
+                and group.ndim == 1:
+            group = group.to(torch.int64)
+            known = (group >= 0) & (group < num_groups)
+            valid = known | (group == self.ignore_index) if self.ignore_index is not None else known
+            if batch is not None and not self.host_checks(batch):
+                self.defer_check(valid.all())
+            elif not bool(valid.all()):
+                check_groups(group.cpu(), num_groups, self.ignore_index, name="group")  # raises, naming the ids
+            idx = torch.where(known, group, num_groups)
+            counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=group.device)
+            return idx, counts.index_add_(0, idx, torch.ones_like(idx))
         if group.dtype == torch.int64 and group.ndim == 1 and group.numel():
             lo, hi = (int(v) for v in group.aminmax())
             if lo >= 0 and hi < num_groups:  # fast path: every id valid, none ignored
@@ -112,7 +133,7 @@ class GroupCallback(WeightingCallback):
         """``(bucket ids, bucket counts)`` of ``batch`` from ``validate_batch`` (recomputed if missing)."""
         if self._prepared is not None and self._prepared[0] is batch:
             return self._prepared[1], self._prepared[2]
-        return self._bucket_and_count(batch.group)
+        return self._bucket_and_count(batch.group, batch)
 
     # ---------------------------------------------------------------- logging
     def log_extras(self) -> dict[str, float]:

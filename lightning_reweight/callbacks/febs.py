@@ -97,6 +97,7 @@ class FairErrorBoundScaling(GroupCallback):
         self.errors: Tensor | None = None
         self.seen: Tensor | None = None
         self.steps = 0
+        self._steps_device: Tensor | None = None
         self._last_scales: tuple[Tensor, Tensor] | None = None
         self._pending: tuple[Any, ...] | None = None
 
@@ -119,6 +120,8 @@ class FairErrorBoundScaling(GroupCallback):
         # were accepted
         assert self.errors is not None and self.seen is not None and self.num_groups is not None
         idx, bucket_counts = self.prepared(batch)
+        if batch.losses.device.type != "cpu":
+            return self._device_weights(batch, idx, bucket_counts)
         if int(bucket_counts[-1]) == len(batch):  # every sample has ignore_index: a no-op (multipliers 1)
             self._pending = None
             return torch.ones(len(batch), dtype=torch.float32)
@@ -127,7 +130,7 @@ class FairErrorBoundScaling(GroupCallback):
         present = counts > 0
         sums = torch.bincount(idx, weights=batch.losses.double(), minlength=self.num_groups + 1).numpy()
         batch_error = sums[: self.num_groups] / np.maximum(counts, 1)
-        errors, seen = update_group_errors(self.errors.numpy(), self.seen.numpy(), batch_error, present,
+        errors, seen = update_group_errors(self.errors.cpu().numpy(), self.seen.cpu().numpy(), batch_error, present,
                                            self.momentum)
         scales = febs_group_scales(errors, present, self.gamma)
         self._pending = (batch, errors, seen, scales, present)
@@ -136,10 +139,40 @@ class FairErrorBoundScaling(GroupCallback):
         inv *= counts.sum() / (inv * counts).sum()
         return torch.from_numpy(np.append(inv, 1.0).astype(np.float32))[idx]
 
+    def _device_weights(self, batch: GlobalBatch, idx: Tensor, bucket_counts: Tensor) -> Tensor:
+        """``compute_weights`` as tensor ops on the batch's device (no host read). A batch without a known
+        group leaves the errors as they are (no group is present) and does not advance ``steps``: counted on
+        the device, folded in at logging / checkpointing."""
+        device, g = batch.losses.device, self.num_groups
+        errors = self.errors if self.errors.device == device else self.errors.to(device)
+        seen = self.seen if self.seen.device == device else self.seen.to(device)
+        counts = bucket_counts[:g]
+        present = counts > 0
+        sums = torch.zeros(g + 1, dtype=torch.float64, device=device).index_add_(0, idx, batch.losses.double())
+        errors, seen = update_group_errors(errors, seen, sums[:g] / counts.clamp_min(1), present, self.momentum)
+        lo = torch.where(present, errors, torch.inf).amin()  # the min over the groups present (FairSeg, ours)
+        ratio = torch.where(errors > 1e-12, lo / errors.clamp_min(1e-12), torch.ones_like(errors))
+        scales = torch.where(present, torch.tanh(ratio.clamp_min(0) ** self.gamma), torch.ones_like(errors))
+        inv = 1.0 / scales.clamp_min(self.min_scale)
+        denom = (inv * counts).sum()
+        inv = inv * torch.where(denom > 0, counts.sum() / denom, torch.ones_like(denom))
+        self._pending = (batch, errors, seen, scales, present, present.any())
+        return torch.cat([inv, inv.new_ones(1)]).float()[idx]  # ignore_index samples (extra bucket) keep 1
+
+    def _fold_steps(self) -> None:
+        """Add the steps counted on the device (one host read, at logging cadence or a checkpoint)."""
+        if self._steps_device is not None:
+            self.steps, self._steps_device = self.steps + int(self._steps_device), None
+
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
+        if pending is not None and len(pending) == 6:  # a device step: the state stays on the device
+            _, self.errors, self.seen, scales, present, advanced = pending
+            self._steps_device = advanced.long() if self._steps_device is None \
+                else self._steps_device + advanced.long()
+            self._last_scales = (scales, present)
+        elif pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
             _, errors, seen, scales, present = pending
             self.errors, self.seen = torch.from_numpy(errors), torch.from_numpy(seen)
             self.steps += 1
@@ -147,6 +180,7 @@ class FairErrorBoundScaling(GroupCallback):
         super().on_weights_computed(batch, weights, trainer, pl_module)
 
     def log_extras(self) -> dict[str, float]:
+        self._fold_steps()
         out: dict[str, float] = {}
         if self.errors is not None and self.seen is not None:
             out.update({f"error/group_{g}": float(self.errors[g]) for g in self.seen.nonzero().flatten().tolist()})
@@ -156,9 +190,10 @@ class FairErrorBoundScaling(GroupCallback):
         return out
 
     def extra_state(self) -> dict[str, Any]:
+        self._fold_steps()
         return {
-            "errors": None if self.errors is None else self.errors.clone(),
-            "seen": None if self.seen is None else self.seen.clone(),
+            "errors": None if self.errors is None else self.errors.detach().to("cpu", copy=True),
+            "seen": None if self.seen is None else self.seen.detach().to("cpu", copy=True),
             "steps": self.steps,
         }
 

@@ -106,6 +106,7 @@ class GroupDRO(GroupCallback):
         self.steps = 0
         self._adj: Tensor | None = None
         self._adj_np: np.ndarray | None = None
+        self._adj_device: Tensor | None = None
         self._last_group_loss: tuple[Tensor, Tensor] | None = None
         self._pending: tuple[GlobalBatch, Tensor, Tensor, Tensor] | None = None
 
@@ -131,7 +132,9 @@ class GroupDRO(GroupCallback):
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         super().validate_batch(batch, trainer)
         _, counts = self.prepared(batch)
-        if int(counts[-1]) == len(batch):
+        if not self.host_checks(batch):  # a GPU step without host reads: checked at the end of the epoch
+            self.defer_check(counts[-1] < len(batch))
+        elif int(counts[-1]) == len(batch):
             raise ValueError(
                 f"Expected at least one sample with a known group, but every sample of this batch has group "
                 f"ignore_index={self.ignore_index}: GroupDRO gives such samples weight 0, so the whole batch would "
@@ -143,19 +146,38 @@ class GroupDRO(GroupCallback):
         # pure: the new q is committed in ``on_weights_computed`` once every callback's weights were accepted
         assert self.q is not None and self.num_groups is not None and batch.group is not None
         idx, bucket_counts = self.prepared(batch)
+        if batch.losses.device.type != "cpu":
+            return self._device_weights(batch, idx, bucket_counts)
         # the per-group math runs on numpy views of a few numbers (torch's per-op overhead dominates there)
         counts = bucket_counts.numpy()[: self.num_groups]
         sums = torch.bincount(idx, weights=batch.losses.double(), minlength=self.num_groups + 1).numpy()
         group_loss = sums[: self.num_groups] / np.maximum(counts, 1)
-        q = group_dro_update(self.q.numpy(), group_loss, self.step_size, self._adj_np)  # update, then the loss
+        q = group_dro_update(self.q.cpu().numpy(), group_loss, self.step_size, self._adj_np)  # update, then the loss
         self._pending = (batch, q, group_loss, counts)
         per_group = np.append(q * len(batch) / np.maximum(counts, 1), 0.0).astype(np.float32)
         return torch.from_numpy(per_group)[idx]  # ignore_index samples (extra bucket): 0
 
+    def _device_weights(self, batch: GlobalBatch, idx: Tensor, bucket_counts: Tensor) -> Tensor:
+        """``compute_weights`` as tensor ops on the batch's device (no host read); ``q`` moves there once."""
+        device, g = batch.losses.device, self.num_groups
+        q = self.q if self.q.device == device else self.q.to(device)
+        if self._adj_device is None or self._adj_device.device != device:
+            self._adj_device = self._adj.to(device, torch.float64) if self._adj_np is not None else None
+        counts = bucket_counts[:g]
+        sums = torch.zeros(g + 1, dtype=torch.float64, device=device).index_add_(0, idx, batch.losses.double())
+        group_loss = sums[:g] / counts.clamp_min(1)
+        q = group_dro_update(q, group_loss, self.step_size, self._adj_device)  # update, then the loss
+        self._pending = (batch, q, group_loss, counts)
+        per_group = torch.cat([q * len(batch) / counts.clamp_min(1), q.new_zeros(1)]).float()
+        return per_group[idx]  # ignore_index samples (extra bucket): 0
+
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
+        if pending is not None and isinstance(pending[1], Tensor):  # a device step: q stays on the device
+            self.q, self.steps = pending[1], self.steps + 1
+            self._last_group_loss = (pending[2], pending[3])
+        elif pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
             self.q, self.steps = torch.from_numpy(pending[1]), self.steps + 1
             self._last_group_loss = (torch.from_numpy(pending[2]), torch.from_numpy(pending[3].copy()))
         super().on_weights_computed(batch, weights, trainer, pl_module)
@@ -170,7 +192,7 @@ class GroupDRO(GroupCallback):
         return out
 
     def extra_state(self) -> dict[str, Any]:
-        return {"q": None if self.q is None else self.q.clone(), "steps": self.steps}
+        return {"q": None if self.q is None else self.q.detach().to("cpu", copy=True), "steps": self.steps}
 
     def _read_extra(self, state: Any) -> tuple[Tensor | None, int] | None:
         """Validate a checkpoint's extra state (``None``: nothing saved, start fresh); assigns nothing."""
