@@ -69,6 +69,7 @@ class AdaWAC(WeightingCallback):
         trainer.fit(SegmentationModule(in_channels=3), datamodule=PH2DataModule(paired=True))
     """
 
+    device_ready = True  # on a GPU batch: fixed-shape tensor ops, the consistency check deferred
     log_prefix = "adawac"
 
     def __init__(
@@ -131,7 +132,9 @@ class AdaWAC(WeightingCallback):
                 f"Expected the `{self.consistency_key}` loss to have shape {tuple(batch.losses.shape)} (one value per "
                 f"sample, like `losses`), but got {tuple(cons.shape)}. Average it over features per sample."
             )
-        if not bool(torch.isfinite(cons.double()).all()):
+        if not self.host_checks(batch):  # a GPU step without host reads: checked at the end of the epoch
+            self.defer_check(torch.isfinite(cons).all())
+        elif not bool(torch.isfinite(cons.double()).all()):
             raise ValueError(f"Expected a finite `{self.consistency_key}` loss, but got NaN or inf; no state was updated.")
 
     @override
@@ -171,7 +174,7 @@ class AdaWAC(WeightingCallback):
         extra = {}
         if self._parts is not None:
             extra = {"loss_sup": self._parts[0], "loss_cons": self._parts[1]}
-        table.update(batch.index, loss=batch.losses, ema_loss=batch.losses, weight=weights, **extra)
+        table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights, **extra)
         self._last = (batch, weights)
 
     # ------------------------------------------------------------------ checkpoint

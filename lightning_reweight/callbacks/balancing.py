@@ -96,6 +96,7 @@ class GroupBalancing(WeightingCallback):
     """
 
     log_prefix = "balance"
+    device_ready = True  # upweight on a GPU batch: gathers only (group ids and weights move there once)
 
     def __init__(
         self,
@@ -138,6 +139,7 @@ class GroupBalancing(WeightingCallback):
         self.counts: Tensor | None = None
         self._total_steps: int | None = None
         self._draws = torch.zeros(0, dtype=torch.float64)
+        self._device_cache: tuple[Any, Tensor, Tensor] | None = None
         self._cache: tuple[float, Tensor] | None = None
 
     # ------------------------------------------------------------------ ids and schedule
@@ -242,8 +244,17 @@ class GroupBalancing(WeightingCallback):
             return None
         if self.groups is None:
             raise RuntimeError("GroupBalancing has no group ids yet: it reads them at `on_train_start`.")
-        ids = self.groups[batch.index]
-        return self.group_weights(self.tau(trainer))[ids].float()
+        tau = self.tau(trainer)
+        device = batch.index.device
+        if device.type == "cpu":
+            return self.group_weights(tau)[self.groups[batch.index]].float()
+        # a GPU batch: the group ids and the per-tau weights move there once (and again when tau changes)
+        if self._device_cache is None or self._device_cache[0] != (tau, device):
+            groups = self._device_cache[1] if self._device_cache is not None \
+                and self._device_cache[1].device == device else self.groups.to(device)
+            self._device_cache = ((tau, device), groups, self.group_weights(tau).to(device, torch.float32))
+        _, groups, weights = self._device_cache
+        return weights[groups[batch.index]]
 
     @override
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
@@ -251,7 +262,14 @@ class GroupBalancing(WeightingCallback):
         super().on_weights_computed(batch, weights, trainer, pl_module)
         if self.groups is None:
             return
-        counts = torch.bincount(self.groups[batch.index], minlength=self.counts.numel()).to(torch.float64)
+        if batch.index.device.type != "cpu" and self._device_cache is not None:  # no bincount (it syncs)
+            ids = self._device_cache[1][batch.index]
+            counts = torch.zeros(self.counts.numel(), dtype=torch.float64, device=ids.device)
+            counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+        else:
+            counts = torch.bincount(self.groups[batch.index.cpu()], minlength=self.counts.numel()).to(torch.float64)
+        if self._draws.device != counts.device:
+            self._draws = self._draws.to(counts.device)
         self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
 
     # ------------------------------------------------------------------ logging
@@ -283,7 +301,7 @@ class GroupBalancing(WeightingCallback):
     # ------------------------------------------------------------------ checkpoint
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {"total_steps": self._total_steps, "draws": self._draws.clone()}
+        return {"total_steps": self._total_steps, "draws": self._draws.detach().to("cpu", copy=True)}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:

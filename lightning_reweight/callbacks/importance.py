@@ -147,6 +147,9 @@ class ImportanceSampling(WeightingCallback):
         self._last_mixing = 1.0
         self._targets: Tensor | None = None
         self._num_classes = 0
+        self._targets_device: Tensor | None = None
+        # on a GPU batch the commit is tensor ops only; the loss weights read the sampler's CPU probabilities
+        self.device_ready = not importance_weighting
         self._draws = torch.zeros(0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ table columns
@@ -166,6 +169,7 @@ class ImportanceSampling(WeightingCallback):
                 * trainer.accumulate_grad_batches
         targets = getattr(dataset, "targets", None)
         self._targets = targets.long() if isinstance(targets, Tensor) and targets.numel() == n else None
+        self._targets_device = None
         # read once here (O(N)), not per step: 0 when there are no usable class ids
         self._num_classes = (int(self._targets.max()) + 1 if self._targets is not None and self._targets.numel()
                              and int(self._targets.min()) >= 0 else 0)
@@ -198,7 +202,9 @@ class ImportanceSampling(WeightingCallback):
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         super().validate_batch(batch, trainer)
         s = self._scores(batch)
-        if s.numel() != len(batch) or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        if s.numel() == len(batch) and not self.host_checks(batch):  # a GPU step: checked at the epoch's end
+            self.defer_check(torch.isfinite(s).all() & (s >= 0).all())
+        elif s.numel() != len(batch) or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
             raise ValueError(
                 f"Expected one finite, non-negative {self.score!r} score per sample ({len(batch)}), but got "
                 f"{s.numel()} values (min {float(s.min()) if s.numel() else 'n/a'})."
@@ -218,7 +224,16 @@ class ImportanceSampling(WeightingCallback):
         table = self.table
         # O(batch): only the batch's rows of ``is_score`` / ``is_seen`` are read and written
         scatter_ema_(table["is_score"], table["is_seen"], batch.index, self._scores(batch), self.smoothing)
-        if self._num_classes:  # empirical class frequency of the draws
+        if self._num_classes and batch.index.device.type != "cpu":  # no bincount on a GPU (it syncs)
+            if self._targets_device is None or self._targets_device.device != batch.index.device:
+                self._targets_device = self._targets.to(batch.index.device)  # once
+            ids = self._targets_device[batch.index]
+            counts = torch.zeros(self._num_classes, dtype=torch.float64, device=ids.device)
+            counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+            if self._draws.device != counts.device:
+                self._draws = self._draws.to(counts.device)
+            self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
+        elif self._num_classes:  # empirical class frequency of the draws
             counts = torch.bincount(self._targets[batch.index], minlength=self._num_classes).double()
             self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
 
@@ -241,8 +256,9 @@ class ImportanceSampling(WeightingCallback):
         table = self.ensure_table(trainer)
         ramp = self._ramp_length(trainer) if trainer is not None else (self.ramp_epochs or 0)
         self._last_mixing = mixing_coefficient(epochs_done, ramp, self.floor)
-        return importance_probabilities(table["is_score"], mixing=self._last_mixing, power=self.power,
-                                        seen=table["is_seen"] > 0, unseen=self.unseen)
+        # the sampler draws on the CPU: a table on a GPU is read back here, once per refresh (not per step)
+        return importance_probabilities(table["is_score"].cpu(), mixing=self._last_mixing, power=self.power,
+                                        seen=table["is_seen"].cpu() > 0, unseen=self.unseen)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -283,7 +299,7 @@ class ImportanceSampling(WeightingCallback):
     # ------------------------------------------------------------------ checkpoint
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {"refreshes": self._refreshes, "draws": self._draws.clone()}
+        return {"refreshes": self._refreshes, "draws": self._draws.detach().to("cpu", copy=True)}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:

@@ -118,7 +118,9 @@ def adawac_update(
 
     Returns:
         ``(rows, new_beta_sup, new_beta_cons)`` (plus ``inverse`` when asked): the distinct indices of the batch
-        and their updated weights; write them back with ``column[rows] = new``.
+        and their updated weights; write them back with ``column[rows] = new``. On a GPU (no host sync: the
+        number of distinct indices is not read) ``rows`` is ``index`` itself, a repeated index carrying the
+        same new weights at each of its positions, and ``inverse`` is ``arange(B)``.
     """
     eta = check_eta(eta)
     _check_pair("loss_sup", loss_sup, "loss_cons", loss_cons)
@@ -127,8 +129,25 @@ def adawac_update(
         raise ValueError(
             f"Expected one index per loss, but got {index.numel()} indices and {loss_sup.numel()} losses."
         )
+    if index.device.type != "cpu":  # fixed shapes, no host sync: every batch position is its own "row"
+        return _device_update(beta_sup, beta_cons, index, loss_sup, loss_cons, eta, return_inverse)
     rows, inverse = torch.unique(index.cpu(), return_inverse=True)
     diff = loss_sup.detach().double().cpu() - loss_cons.detach().double().cpu()
     step = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, inverse, eta * diff)
     new_sup, new_cons = _step_log_ratio(beta_sup[rows], beta_cons[rows], step)
     return (rows, new_sup, new_cons, inverse) if return_inverse else (rows, new_sup, new_cons)
+
+
+def _device_update(beta_sup: Tensor, beta_cons: Tensor, index: Tensor, loss_sup: Tensor, loss_cons: Tensor,
+                   eta: float, return_inverse: bool) -> tuple[Tensor, ...]:
+    """``adawac_update`` with fixed shapes: each position's step is the sum over its index's repeats (a sorted
+    prefix sum between ``searchsorted`` bounds), so repeated positions get identical new weights."""
+    sorted_index, perm = torch.sort(index)
+    diff = (loss_sup.detach().double() - loss_cons.detach().double()).to(index.device)
+    csum = torch.cat([diff.new_zeros(1), torch.cumsum(eta * diff[perm], 0)])
+    left = torch.searchsorted(sorted_index, index)
+    right = torch.searchsorted(sorted_index, index, right=True)
+    new_sup, new_cons = _step_log_ratio(beta_sup[index], beta_cons[index], csum[right] - csum[left])
+    if return_inverse:
+        return index, new_sup, new_cons, torch.arange(index.numel(), device=index.device)
+    return index, new_sup, new_cons

@@ -94,6 +94,9 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
     index = index.reshape(-1).to(values.device, torch.long)
     new = new.detach().reshape(-1).to(values.device, torch.float64)
     idx_s, order = torch.sort(index, stable=True)
+    if index.device.type != "cpu":  # fixed shapes: no host sync on a GPU
+        _scatter_ema_fixed(values, seen, idx_s, new[order], rate)
+        return
     if not bool((idx_s[1:] == idx_s[:-1]).any()):  # no repeats (the common case): one vectorised step
         old = values[index].to(torch.float64)
         values[index] = torch.where(seen[index] > 0, (1.0 - rate) * old + rate * new, new).to(values.dtype)
@@ -114,6 +117,24 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
     old_term = torch.where(was_seen, torch.pow(torch.full_like(old, keep), counts.to(old.dtype)) * old, 0.0)
     values[uniq] = (old_term + contrib).to(values.dtype)
     seen[uniq] = True
+
+
+def _scatter_ema_fixed(values: Tensor, seen: Tensor, idx_s: Tensor, new_s: Tensor, rate: float) -> None:
+    """``scatter_ema_``'s closed form with fixed shapes: the repeats of a sample are the sorted positions
+    between its ``searchsorted`` bounds; every repeat writes the same final value."""
+    left = torch.searchsorted(idx_s, idx_s)
+    m = torch.searchsorted(idx_s, idx_s, right=True) - left  # repeats of this position's sample
+    pos = torch.arange(idx_s.numel(), device=idx_s.device) - left  # 0-based occurrence number
+    keep = 1.0 - rate
+    coef = rate * torch.pow(torch.full_like(new_s, keep), (m - 1 - pos).to(new_s.dtype))
+    was_seen = seen[idx_s] > 0
+    first_unseen = (pos == 0) & ~was_seen
+    coef = torch.where(first_unseen, torch.pow(torch.full_like(new_s, keep), (m - 1).to(new_s.dtype)), coef)
+    contrib = torch.zeros_like(new_s).index_add_(0, left, coef * new_s)[left]  # summed per sample
+    old = values[idx_s].to(torch.float64)
+    old_term = torch.where(was_seen, torch.pow(torch.full_like(old, keep), m.to(old.dtype)) * old, 0.0)
+    values[idx_s] = (old_term + contrib).to(values.dtype)
+    seen[idx_s] = True
 
 
 def mixing_coefficient(epoch: int, ramp_epochs: int | None, floor: float = 0.0) -> float:
