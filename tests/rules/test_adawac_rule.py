@@ -77,3 +77,20 @@ def test_bad_shapes():
         adawac_mirror_step(half, half, torch.ones(3, 1), torch.ones(3, 1))
     with pytest.raises(ValueError, match="one index per loss"):
         adawac_update(half, half, torch.tensor([0, 1]), torch.ones(3), torch.ones(3))
+
+
+def test_fixed_shape_update_of_a_gpu_batch_equals_the_host_update_with_duplicates():
+    """The GPU path (no ``torch.unique``: every position carries its sample's new weights) equals the host
+    path row by row, repeats included."""
+    from lightning_reweight.rules.adawac import _device_update
+
+    g = torch.Generator().manual_seed(0)
+    col_sup = torch.rand(12, generator=g)
+    col_cons = 1 - col_sup
+    index = torch.tensor([4, 7, 4, 0, 11, 7, 4])
+    sup, cons = torch.rand(7, generator=g), torch.rand(7, generator=g)
+    rows, s, c, inverse = adawac_update(col_sup, col_cons, index, sup, cons, eta=2.0, return_inverse=True)
+    rows_d, s_d, c_d, inverse_d = _device_update(col_sup, col_cons, index, sup, cons, 2.0, True)
+    assert torch.equal(rows_d, index) and torch.equal(inverse_d, torch.arange(7))
+    torch.testing.assert_close(s_d, s[inverse])
+    torch.testing.assert_close(c_d, c[inverse])

@@ -37,19 +37,30 @@ def _loop_reference(values, seen, index, new, rate):
     return values, seen
 
 
+def _fixed_shape(values, seen, index, new, rate):
+    """The GPU path of ``scatter_ema_`` (fixed shapes, no host sync), run on the CPU."""
+    from lightning_reweight.rules.importance import _scatter_ema_fixed
+
+    idx_s, order = torch.sort(index, stable=True)
+    _scatter_ema_fixed(values, seen, idx_s, new.double()[order], rate)
+
+
+@pytest.mark.parametrize("path", ["host", "fixed_shape", "float_seen"])
 @pytest.mark.parametrize("rate", [0.5, 0.1, 1.0])
-def test_scatter_ema_equals_sequential_loop_with_duplicates(rate):
+def test_scatter_ema_equals_sequential_loop_with_duplicates(rate, path):
+    """Host path, the fixed-shape GPU path, and a float ``seen`` column (the table's ``is_seen``, > 0 = seen)."""
     g = torch.Generator().manual_seed(0)
     values = torch.zeros(20, dtype=torch.float64)
-    seen = torch.zeros(20, dtype=torch.bool)
+    seen = torch.zeros(20, dtype=torch.float32 if path == "float_seen" else torch.bool)
+    update = _fixed_shape if path == "fixed_shape" else scatter_ema_
     ref_v, ref_s = values.clone(), seen.clone()
     for _ in range(5):
         index = torch.randint(0, 20, (15,), generator=g)  # many duplicates
         new = torch.rand(15, generator=g, dtype=torch.float64)
-        ref_v, ref_s = _loop_reference(ref_v, ref_s, index, new, rate)
-        scatter_ema_(values, seen, index, new, rate)
+        ref_v, ref_s = _loop_reference(ref_v, ref_s > 0, index, new, rate)
+        update(values, seen, index, new, rate)
         torch.testing.assert_close(values, ref_v)
-        assert torch.equal(seen, ref_s)
+        assert torch.equal(seen > 0, ref_s)
 
 
 @pytest.mark.parametrize("rate", [0.5, 0.1])
