@@ -139,53 +139,43 @@ def _build_alias_table(weights: Tensor) -> AliasTable:
     return _build_alias_table_torch(weights)
 
 
-def _checked_total(q: Tensor) -> float:
-    """``Σq``, refused if it overflows. (Callers scale by ``n * (1 / Σq)``: the rounding of the former
-    ``n / q.sum()``, which torch evaluates as a reciprocal times ``n``, so tables stay bit-identical.)"""
-    total = float(q.sum())
+def _checked_total(weights: Tensor) -> float:
+    """``Σw`` accumulated in float64, refused if it overflows. (Callers scale by ``n * (1 / Σw)``: the rounding
+    of the former ``n / q.sum()``, which torch evaluates as a reciprocal times ``n``.)"""
+    total = float(weights.sum(dtype=torch.float64))
     if not math.isfinite(total):
         raise ValueError(
-            f"Expected the weights to have a finite sum, but got {total} (entries up to {float(q.max()):.3g});"
+            f"Expected the weights to have a finite sum, but got {total} (entries up to {float(weights.max()):.3g});"
             " rescale them, e.g. `weights / weights.max()`."
         )
     return total
 
 
-def _sorted_search(sorted_seq: np.ndarray, values: np.ndarray, right: bool) -> np.ndarray:
-    """``np.searchsorted(sorted_seq, values, side)`` for NON-DECREASING ``values``, exactly, ~2x faster.
+def _count_at_most(sorted_seq: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``#{k : sorted_seq[k] <= v}`` for each of the NON-DECREASING ``values``: exactly
+    ``np.searchsorted(sorted_seq, values, side="right")``, about twice as fast.
 
-    ``np.interp`` locates each value starting from the previous value's interval (O(1) for sorted values,
-    where ``searchsorted`` restarts a binary search), and its fractional position, floored, is the count
-    mathematically; float rounding (a fraction rounding up to the next integer) and ties in ``sorted_seq``
-    (where interpolation divides by zero) can put it off, so every candidate is verified against its two
-    neighbours and the few that fail are searched again with ``searchsorted``.
+    ``np.interp`` finds each value's interval starting from the previous one's (O(1) for sorted values, where
+    ``searchsorted`` restarts a binary search): for ``seq[j] <= v < seq[j + 1]`` (compared exactly) it returns
+    ``j + slope · (v − seq[j])`` with both factors >= 0, so the floored position plus one is never below the
+    count and exceeds it by one only when the fraction rounds up to 1. One comparison with the previous entry
+    finds those and corrects them.
     """
     m = sorted_seq.size
-    side = "right" if right else "left"
     if m < 2 or values.size < 1024:
-        return np.searchsorted(sorted_seq, values, side=side)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pos = np.interp(values, sorted_seq, np.arange(m, dtype=np.float64), left=-1.0, right=float(m - 1))
-        count = pos.astype(np.int64)  # pos >= -1: truncation is floor except on (-1, 0), fixed by the check
-    del pos
+        return np.searchsorted(sorted_seq, values, side="right")
+    work = np.arange(-1, m, dtype=np.float64)  # work[1:] = 0, 1, ..., m - 1: the positions to interpolate
+    pos = np.interp(values, sorted_seq, work[1:], left=-1.0, right=float(m - 1))
+    count = pos.astype(np.int64)  # pos is -1 or >= 0: truncation is floor
     count += 1
-    np.clip(count, 0, m, out=count)  # also catches a NaN position (cast to a huge negative number)
-    # count is right iff seq[count - 1] (<= | <) value and value (< | <=) seq[count], with seq[-1] = -inf
-    # and seq[m] = +inf: `padded[count]` is seq[count - 1], `padded[1:][count]` is seq[count]
-    padded = np.empty(m + 2)
-    padded[0], padded[-1] = -np.inf, np.inf
-    padded[1:-1] = sorted_seq
-    below, above = padded[count], padded[1:][count]
-    if right:
-        ok = np.less_equal(below, values)
-        ok &= np.less(values, above)
-    else:
-        ok = np.less(below, values)
-        ok &= np.less_equal(values, above)
-    del below, above
-    bad = np.flatnonzero(np.logical_not(ok, out=ok))
-    if bad.size:
-        count[bad] = np.searchsorted(sorted_seq, values[bad], side=side)
+    np.clip(count, 0, m, out=count)  # defensive: the bounds above already hold
+    padded = work  # reused: padded[c] = seq[c - 1], padded[0] = -inf
+    padded[0] = -np.inf
+    padded[1:] = sorted_seq
+    previous = np.take(padded, count, out=pos)
+    over = np.flatnonzero(np.greater(previous, values))
+    if over.size:
+        count[over] -= 1
     return count
 
 
@@ -194,14 +184,15 @@ def _build_alias_table_numpy(weights: Tensor) -> AliasTable:
     one thread), writing straight into the packed records. Same operations, in the same order, as
     ``_build_alias_table_torch``: the two give bit-identical tables."""
     n = weights.numel()
-    q_t = weights.to(torch.float64, copy=True)  # never modifies the caller's tensor
-    q_t.mul_(n * (1.0 / _checked_total(q_t)))
-    q = q_t.numpy()
+    scale = n * (1.0 / _checked_total(weights))
     # numpy's allocator asks for transparent huge pages: fewer TLB misses in the draws' random gathers
     packed_np = np.empty(n, dtype=np.complex128)
     packed = torch.from_numpy(packed_np)
     pair = packed_np.view(np.float64).reshape(n, 2)
     prob, alias = pair[:, 0], pair[:, 1].view(np.int64)
+    # q = N w / Σw is computed in place in the prob column (no separate float64 copy: fewer fresh pages)
+    torch.view_as_real(packed)[:, 0].copy_(weights).mul_(scale)  # never modifies the caller's tensor
+    q = prob
     light = q < 1.0
     light_idx = np.flatnonzero(light)
     n_light = light_idx.size
@@ -213,33 +204,31 @@ def _build_alias_table_numpy(weights: Tensor) -> AliasTable:
     heavy_idx = np.flatnonzero(light)
     del light
     n_heavy = heavy_idx.size
-    deficit = q[light_idx]
+    deficit = np.take(q, light_idx)
     np.subtract(1.0, deficit, out=deficit)
     cum_deficit_end = np.empty(n_light + 1)  # [0, D_1, ..., D_L]: indexed by `served` below
     cum_deficit_end[0] = 0.0
     np.cumsum(deficit, out=cum_deficit_end[1:])
     cum_deficit_start = np.subtract(cum_deficit_end[1:], deficit, out=deficit)  # D_a
-    cum_excess = q[heavy_idx]
+    cum_excess = np.take(q, heavy_idx)
     np.subtract(cum_excess, 1.0, out=cum_excess)
     np.cumsum(cum_excess, out=cum_excess)  # E_k
-    if n_heavy <= n_light:
-        served = _sorted_search(cum_deficit_start, cum_excess, right=False)
-        donor = np.cumsum(np.bincount(served, minlength=n_light + 1)[:-1])
-    else:
-        donor = _sorted_search(cum_excess, cum_deficit_start, right=True)
-        served = np.cumsum(np.bincount(donor, minlength=n_heavy + 1)[:-1])
+    # the merge: donor_a = #{k : E_k <= D_a}; served_k = #{a : donor_a <= k} (see the torch twin)
+    donor = _count_at_most(cum_excess, cum_deficit_start)
     del cum_deficit_start, deficit
+    served = np.cumsum(np.bincount(donor, minlength=n_heavy + 1)[:-1])
     np.minimum(donor, n_heavy - 1, out=donor)  # rounding at the very end -> last heavy
-    alias[light_idx] = heavy_idx[donor]
-    del donor
+    alias[light_idx] = np.take(heavy_idx, donor)
+    del donor, light_idx
     np.minimum(q, 1.0, out=prob)  # lights: prob = q (< 1)
-    del q, q_t
+    del q
     # heavy k keeps E_k + 1 - L_k of its bucket, L_k = deficit of the lights served by heavies <= k
     keep = np.add(cum_excess, 1.0, out=cum_excess)
-    np.subtract(keep, cum_deficit_end[served], out=keep)
+    np.subtract(keep, np.take(cum_deficit_end, served), out=keep)
     np.clip(keep, 0.0, 1.0, out=keep)
     keep[-1] = 1.0
     prob[heavy_idx] = keep
+    # heavy k borrows the rest of its bucket from heavy k + 1; the last heavy from itself
     alias[heavy_idx[:-1]] = heavy_idx[1:]
     alias[heavy_idx[-1]] = heavy_idx[-1]
     return _packed_table(packed)
@@ -249,7 +238,7 @@ def _build_alias_table_torch(weights: Tensor) -> AliasTable:
     """Device-agnostic construction (used for non-CPU weights; the CPU path is the numpy twin above)."""
     n = weights.numel()
     q = weights.to(torch.float64, copy=True)  # never modifies the caller's tensor
-    q.mul_(n * (1.0 / _checked_total(q)))
+    q.mul_(n * (1.0 / _checked_total(weights)))
     packed = torch.empty(n, dtype=torch.complex128, device=q.device)
     pair = torch.view_as_real(packed)
     prob, alias = pair[:, 0], pair[:, 1].view(torch.int64)
