@@ -11,7 +11,7 @@
 #   3. benchmarks/gpu_fit.py         -> gpu_fit.json, gpu_fit.log: a one-GPU fit with every callback, median
 #      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn"))
 # plus nvidia-smi.txt and summary.txt (every figure, one per line). In --cpu-smoke mode only step 3 runs
-# (on CPU, 8 steps), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 1-2 with --quick.
+# (on CPU, 4 steps), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 1-2 with --quick.
 # Environment: PYTHON (default: python), GPU_CHECK_QUICK=1 passes --quick to every benchmark.
 # Exit status: 0 all passed, 2 usage or no CUDA device, 1 a benchmark failed (the others still ran).
 set -uo pipefail
@@ -33,16 +33,22 @@ PY="${PYTHON:-python}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 cd "$REPO" || exit 2
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "gpu_check.sh: cannot import torch with '$PY'; set PYTHON to the project's interpreter." >&2
-  exit 2
-fi
-if [ "$SMOKE" != "1" ]; then
-  if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 3)"; then
-    echo "gpu_check.sh: no CUDA device (torch.cuda.is_available() is False): run this on a GPU machine," \
-         "or pass --cpu-smoke to check the script itself on CPU." >&2
-    exit 2
-  fi
+if [ "$SMOKE" != "1" ]; then  # one interpreter start: torch importable (else 4), a CUDA device (else 3)
+  "$PY" -c "
+import sys
+try:
+    import torch
+except Exception:
+    sys.exit(4)
+sys.exit(0 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 3)" 2>/dev/null
+  case $? in
+    0) ;;
+    3) echo "gpu_check.sh: no CUDA device (torch.cuda.is_available() is False): run this on a GPU machine," \
+            "or pass --cpu-smoke to check the script itself on CPU." >&2
+       exit 2 ;;
+    *) echo "gpu_check.sh: cannot import torch with '$PY'; set PYTHON to the project's interpreter." >&2
+       exit 2 ;;
+  esac
 fi
 
 mkdir -p "$OUT" || exit 2
@@ -65,12 +71,12 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, report elapsed time,
 }
 
 if [ "$SMOKE" = "1" ]; then
-  echo "[gpu_check] CPU smoke mode: the fit on CPU for 8 steps"
+  echo "[gpu_check] CPU smoke mode: the fit on CPU for 4 steps"
   if [ "${GPU_CHECK_SMOKE_BENCHMARKS:-0}" = "1" ]; then
     step overhead "$PY" benchmarks/overhead.py --quick --json "$OUT/overhead.json" --out "$OUT"
     step sampler_speed "$PY" benchmarks/sampler_speed.py --quick --json "$OUT/sampler_speed.json" --out "$OUT"
   fi
-  step gpu_fit "$PY" benchmarks/gpu_fit.py --device cpu --steps 8 --batch-size 32 --json "$OUT/gpu_fit.json"
+  step gpu_fit "$PY" benchmarks/gpu_fit.py --device cpu --steps 4 --batch-size 32 --json "$OUT/gpu_fit.json"
 else
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
   OVERHEAD_ARGS=()
