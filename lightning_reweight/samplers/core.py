@@ -13,9 +13,8 @@
   ``num_draws`` smallest keys, in increasing order, are an exact successive weighted draw without
   replacement.
 
-Speed (CPU): the table is one 16-byte record per bucket (``prob`` and ``alias`` interleaved, allocated by numpy,
-which asks for transparent huge pages), so a draw costs one random gather; the draw reuses cache-sized
-buffers instead of allocating per chunk. The CPU build runs in numpy (its compaction, gathers and cumulative
+Speed (CPU): the table is one 16-byte record per bucket (``prob`` and ``alias`` interleaved), so a draw costs
+one random gather; the draw reuses cache-sized buffers instead of allocating per chunk. The CPU build runs in numpy (its compaction, gathers and cumulative
 sums beat torch's on one thread) and merges the two sorted prefix-sum sequences with ``np.interp`` (which
 walks sorted queries in O(1) each) plus an exact correction, instead of a binary search per entry. It is
 bit-identical to the device-agnostic torch construction used for other devices, and to the tables and draws

@@ -111,3 +111,15 @@ def test_beyond_2_pow_24_with_spread_weights():
 def test_overflowing_sum_is_refused():
     with pytest.raises(ValueError, match="finite sum"):
         draw_weighted(torch.tensor([1e308, 1e308], dtype=torch.float64), 3, torch.Generator())
+
+
+def test_build_restores_numpy_huge_page_setting():
+    multiarray = np._core.multiarray
+    if not hasattr(multiarray, "_get_madvise_hugepage"):
+        pytest.skip("this numpy has no huge-page switch")
+    before = multiarray._get_madvise_hugepage()
+    with core._without_numpy_huge_pages():
+        assert multiarray._get_madvise_hugepage() is False
+    assert multiarray._get_madvise_hugepage() == before
+    build_alias_table(torch.rand(5000))
+    assert multiarray._get_madvise_hugepage() == before
