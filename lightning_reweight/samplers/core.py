@@ -216,13 +216,14 @@ def _build_alias_table_numpy(weights: Tensor) -> AliasTable:
 
 def _build_alias_table_numpy_body(weights: Tensor) -> AliasTable:
     n = weights.numel()
-    scale = n * (1.0 / _checked_total(weights))
+    # q = N w / Σw in a contiguous float64 copy (never modifies the caller's tensor): the gathers from it
+    # below are 2-3x faster than from the table's strided prob column
+    q_t = weights.to(torch.float64, copy=True)
+    q_t.mul_(n * (1.0 / _checked_total(q_t)))
+    q = q_t.numpy()
     packed = torch.empty(n, dtype=torch.complex128)
     pair = packed.numpy().view(np.float64).reshape(n, 2)
     prob, alias = pair[:, 0], pair[:, 1].view(np.int64)
-    # q = N w / Σw is computed in place in the prob column (no separate float64 copy: fewer fresh pages)
-    torch.view_as_real(packed)[:, 0].copy_(weights).mul_(scale)  # never modifies the caller's tensor
-    q = prob
     light = q < 1.0
     light_idx = np.flatnonzero(light)
     n_light = light_idx.size
@@ -244,17 +245,20 @@ def _build_alias_table_numpy_body(weights: Tensor) -> AliasTable:
     np.subtract(cum_excess, 1.0, out=cum_excess)
     np.cumsum(cum_excess, out=cum_excess)  # E_k
     # the merge: donor_a = #{k : E_k <= D_a}; served_k = #{a : donor_a <= k} (see the torch twin)
+    # (fresh memory costs its page faults — ~1 ms per 1e6 entries here — so results reuse spent buffers)
     donor = _count_at_most(cum_excess, cum_deficit_start)
-    del cum_deficit_start, deficit
-    served = np.cumsum(np.bincount(donor, minlength=n_heavy + 1)[:-1])
+    served = np.bincount(donor, minlength=n_heavy + 1)[:-1]
+    np.cumsum(served, out=served)
     np.minimum(donor, n_heavy - 1, out=donor)  # rounding at the very end -> last heavy
-    alias[light_idx] = np.take(heavy_idx, donor)
+    alias[light_idx] = np.take(heavy_idx, donor, out=donor, mode="clip")  # in place: donor is spent
     del donor, light_idx
     np.minimum(q, 1.0, out=prob)  # lights: prob = q (< 1)
-    del q
+    del q, q_t
     # heavy k keeps E_k + 1 - L_k of its bucket, L_k = deficit of the lights served by heavies <= k
     keep = np.add(cum_excess, 1.0, out=cum_excess)
-    np.subtract(keep, np.take(cum_deficit_end, served), out=keep)
+    spent = deficit[:n_heavy] if n_heavy <= n_light else None  # D_a is spent too
+    del cum_deficit_start, deficit
+    np.subtract(keep, np.take(cum_deficit_end, served, out=spent, mode="clip"), out=keep)
     np.clip(keep, 0.0, 1.0, out=keep)
     keep[-1] = 1.0
     prob[heavy_idx] = keep
