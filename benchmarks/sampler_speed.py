@@ -6,6 +6,7 @@ With replacement, N draws from N random weights, at N = 1e6, 1e7, 1e8 (``--quick
   plus N O(1) draws; what an epoch costs when the weights changed since the last epoch.
 * ``ours (cached table)``: ``draw_alias(table, N, generator)`` — the epoch cost of a ``WeightedSampler`` whose
   weights did not change (it keeps the table).
+* ``ours: table build only``: the alias-table construction alone (where the cold time goes: cold − cached).
 * ``torch WRS``: ``torch.multinomial(weights_float64, N, True, generator=...)``, the call
   ``torch.utils.data.WeightedRandomSampler.__iter__`` makes (it refuses more than 2^24 categories).
 * ``numpy choice``: ``np.random.default_rng().choice(N, N, p=p)``. At 1e8 it takes minutes, so it runs only
@@ -20,13 +21,16 @@ distance between the empirical draw frequencies (100 equal-width index bins) and
 
     python benchmarks/sampler_speed.py [--quick] [--json PATH] [--out DIR] [--repeats R] [--numpy-1e8]
 
-JSON figures: ``speedup_vs_torch_1e7`` (torch WRS / ours with the table cached: a ``WeightedSampler`` epoch
+JSON figures: ``speedup_cold_1e7`` (torch WRS / ours cold, the issue-13 target: >= 10), ``speedup_cached_1e7``
+(torch WRS / ours with the table cached), the same two from CPU time (``..._cpu``: steadier on a shared
+machine), ``seconds_build_1e6|1e7|1e8`` (table build alone), ``speedup_vs_torch_1e7`` (torch WRS / ours with the table cached: a ``WeightedSampler`` epoch
 whose weights did not change, the analogue of a ``WeightedRandomSampler`` epoch), ``speedup_vs_torch_1e7_cold``
 (table rebuilt: weights changed), ``speedup_vs_numpy_1e7[_cold]``, ``seconds_1e8`` (ours cold at 1e8: build +
 draw), ``seconds_1e8_cached``, ``speedup_e2e_1e6|1e7`` (``list(sampler)``), ``speedup_noreplace_vs_torch_1e6``,
 ``peak_rss_gib`` (the benchmark process's peak memory, all methods and kept outputs included), and the same
 figures at 1e6 (``--quick``: 1e5 and 1e6).
-Scale-down: single thread (``OMP_NUM_THREADS=1``), 3 repeats at 1e7, 1 at 1e8.
+Scale-down: single thread (``OMP_NUM_THREADS=1``), 3 repeats at 1e7, 1 at 1e8. A progress line per stage
+(and per timed call) shows the elapsed time; the full run takes several minutes.
 """
 
 from __future__ import annotations
@@ -44,11 +48,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
 
+_START = time.perf_counter()
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
+
+def _progress(message: str) -> None:
+    """One line per stage with the elapsed time: the full run takes minutes."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Wall and CPU seconds of ``fn()`` (CPU time is steadier than wall time on a shared machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def _tv_binned(indices: Any, probs: Any, bins: int = 100) -> float:
@@ -62,26 +74,32 @@ def _tv_binned(indices: Any, probs: Any, bins: int = 100) -> float:
     return 0.5 * float((emp - target / target.sum()).abs().sum())
 
 
-def _round_robin(methods: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, Any]]:
+def _round_robin(methods: dict[str, Callable[[], Any]], repeats: int, label: str = "") -> dict[str, dict[str, Any]]:
     """Run each method once per repeat, in turn; keep the median time and the first output's TV check."""
     times: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     status: dict[str, str] = {}
     outputs: dict[str, Any] = {}
-    for _ in range(repeats):
+    for rep in range(repeats):
         for name, fn in methods.items():
             if name in status:
                 continue
             try:
-                t, out = _timed(fn)
+                t, c, out = _timed(fn)
             except (RuntimeError, ValueError, MemoryError) as err:
                 status[name] = "refused: " + str(err).split("\n")[0][:60]
+                _progress(f"{label} {name}: {status[name]}")
                 continue
+            _progress(f"{label} repeat {rep + 1}/{repeats} {name}: {t:.3f} s (cpu {c:.3f} s)")
             times[name].append(t)
+            cpu[name].append(c)
             if name not in outputs:
                 outputs[name] = out
             del out
             gc.collect()
-    return {name: {"seconds": statistics.median(times[name]) if times[name] else float("nan"),
+    nan = float("nan")
+    return {name: {"seconds": statistics.median(times[name]) if times[name] else nan,
+                   "cpu_seconds": statistics.median(cpu[name]) if cpu[name] else nan,
                    "status": status.get(name, "ok"), "output": outputs.get(name)} for name in methods}
 
 
@@ -107,8 +125,10 @@ def main() -> None:
 
     sizes = [10**5, 10**6] if args.quick else [10**6, 10**7, 10**8]
     rows, figures, series = [], {}, {}
+    _progress(f"sizes {sizes}, {args.threads} thread(s)")
     for n in sizes:
         repeats = args.repeats or (3 if args.quick else 5 if n <= 10**6 else 3 if n <= 10**7 else 1)
+        _progress(f"N = {n:.0e}: {repeats} repeat(s) of each method, round robin")
         weights = torch.rand(n, generator=torch.Generator().manual_seed(0))
         w64 = weights.double()
         table = _build_alias_table(weights)
@@ -116,31 +136,40 @@ def main() -> None:
         methods: dict[str, Callable[[], Any]] = {
             "ours (cold)": lambda w=weights, n=n, g=gen: draw_weighted(w, n, g),
             "ours (cached table)": lambda t=table, n=n, g=gen: draw_alias(t, n, g),
+            "ours: table build only": lambda w=weights: _build_alias_table(w) and None,
             "torch WRS": lambda w=w64, n=n, g=gen: torch.multinomial(w, n, True, generator=g),
         }
         if n < 10**8 or args.numpy_1e8:
             p_np = (w64 / w64.sum()).numpy()
             rng = np.random.default_rng(1)
             methods["numpy choice"] = lambda r=rng, n=n, p=p_np: torch.from_numpy(r.choice(n, size=n, p=p))
-        results = _round_robin(methods, repeats)
+        results = _round_robin(methods, repeats, f"N = {n:.0e}")
         if "numpy choice" not in methods:
-            results["numpy choice"] = {"seconds": float("nan"), "status": "skipped (minutes; --numpy-1e8)",
-                                       "output": None}
+            results["numpy choice"] = {"seconds": float("nan"), "cpu_seconds": float("nan"),
+                                       "status": "skipped (minutes; --numpy-1e8)", "output": None}
         ours = results["ours (cold)"]["seconds"]
         for name, r in results.items():
             tv = _tv_binned(r["output"], weights) if r["output"] is not None else float("nan")
             r["output"] = None
             speed = ours / r["seconds"] if r["seconds"] == r["seconds"] else float("nan")
             rows.append({"N": f"{n:.0e}", "method": name, "seconds (median)": _fmt(r["seconds"]),
+                         "cpu s (median)": _fmt(r["cpu_seconds"]),
                          "x vs ours cold": "—" if speed != speed else f"{1 / speed:.1f}" if name != "ours (cold)" else "1.0",
                          "status": r["status"], "TV (100 bins)": "—" if tv != tv else f"{tv:.1e}"})
-            series.setdefault(name, []).append((n, r["seconds"]))
+            if name != "ours: table build only":
+                series.setdefault(name, []).append((n, r["seconds"]))
         tag = f"1e{len(str(n)) - 1}"
         torch_s, numpy_s = results["torch WRS"]["seconds"], results["numpy choice"]["seconds"]
         cached = results["ours (cached table)"]["seconds"]
         if torch_s == torch_s:
             figures[f"speedup_vs_torch_{tag}"] = torch_s / cached
             figures[f"speedup_vs_torch_{tag}_cold"] = torch_s / ours
+            figures[f"speedup_cold_{tag}"] = torch_s / ours
+            figures[f"speedup_cached_{tag}"] = torch_s / cached
+            torch_cpu = results["torch WRS"]["cpu_seconds"]
+            figures[f"speedup_cold_{tag}_cpu"] = torch_cpu / results["ours (cold)"]["cpu_seconds"]
+            figures[f"speedup_cached_{tag}_cpu"] = torch_cpu / results["ours (cached table)"]["cpu_seconds"]
+        figures[f"seconds_build_{tag}"] = results["ours: table build only"]["seconds"]
         if numpy_s == numpy_s:
             figures[f"speedup_vs_numpy_{tag}"] = numpy_s / cached
             figures[f"speedup_vs_numpy_{tag}_cold"] = numpy_s / ours
@@ -154,12 +183,13 @@ def main() -> None:
     # end to end: list(sampler), Python iteration included
     e2e = []
     for n in [s for s in sizes if s <= 10**7]:
+        _progress(f"end to end, N = {n:.0e}: list(sampler), 3 repeats")
         weights = torch.rand(n, generator=torch.Generator().manual_seed(0))
         ours_sampler = WeightedSampler(weights, seed=0)
         list(ours_sampler)  # build the cached table once, as in training after the first epoch
         theirs = torch.utils.data.WeightedRandomSampler(weights, n, replacement=True)
         res = _round_robin({"WeightedSampler": lambda s=ours_sampler: len(list(s)),
-                            "WeightedRandomSampler": lambda s=theirs: len(list(s))}, 3)
+                            "WeightedRandomSampler": lambda s=theirs: len(list(s))}, 3, f"e2e N = {n:.0e}")
         a, b = res["WeightedSampler"]["seconds"], res["WeightedRandomSampler"]["seconds"]
         e2e.append({"N": f"{n:.0e}", "WeightedSampler list()": _fmt(a), "WeightedRandomSampler list()": _fmt(b),
                     "speedup": f"{b / a:.1f}"})
@@ -169,6 +199,7 @@ def main() -> None:
     # without replacement: a full weighted permutation
     worep = []
     for n in [s for s in [10**5, 10**6] if s <= max(sizes)]:
+        _progress(f"without replacement, N = {n:.0e}: 3 repeats")
         weights = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 1e-3
         gen = torch.Generator().manual_seed(2)
         rng = np.random.default_rng(2)
@@ -179,7 +210,7 @@ def main() -> None:
                        lambda w=w64, n=n, g=gen: torch.multinomial(w, n, False, generator=g)}
         if n <= 10**5:
             methods["numpy choice (replace=False)"] = lambda r=rng, n=n, p=p_np: r.choice(n, size=n, replace=False, p=p)
-        res = _round_robin(methods, 3)
+        res = _round_robin(methods, 3, f"no-replacement N = {n:.0e}")
         ours = res["ours (exp. keys)"]["seconds"]
         for name, r in res.items():
             worep.append({"N": f"{n:.0e}", "method": name, "seconds (median)": _fmt(r["seconds"]),

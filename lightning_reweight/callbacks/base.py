@@ -276,7 +276,9 @@ class WeightingCallback(Callback):
             if n is None:
                 raise RuntimeError(
                     f"{type(self).__name__} could not infer the training set size from the Trainer's train "
-                    "dataloader. Pass `num_samples=len(train_dataset)`."
+                    "dataloader. Pass `num_samples=len(train_dataset)`; on a stream of unknown size, pass "
+                    "`num_samples=keys.num_samples` with `lightning_reweight.state.StreamKeys`, or "
+                    "`track_samples=False` for rules that need only the batch."
                 )
             table = SampleStateTable(n, ema_decay=self.ema_decay, device=device)
         for name, spec in self.extra_columns().items():
@@ -294,8 +296,10 @@ class WeightingCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_size = None
-        if self.track_samples:
-            self.ensure_table(trainer, pl_module)  # a restored table that does not fit fails here, before step 0
+        # a restored table that does not fit fails here, before step 0; a stream of unknown size builds nothing
+        # yet (the first step names the fix: an index/stream key, or `track_samples=False`)
+        if self.track_samples and (self._pending_table_state is not None or self.training_set_size(trainer) is not None):
+            self.ensure_table(trainer, pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
