@@ -134,7 +134,7 @@ class AdaWAC(WeightingCallback):
             )
         if not self.host_checks(batch):  # a GPU step without host reads: checked at the end of the epoch
             self.defer_check(torch.isfinite(cons).all())
-        elif not bool(torch.isfinite(cons.double()).all()):
+        elif not bool(torch.isfinite(cons).all()):
             raise ValueError(f"Expected a finite `{self.consistency_key}` loss, but got NaN or inf; no state was updated.")
 
     @override

@@ -204,7 +204,8 @@ class ImportanceSampling(WeightingCallback):
         s = self._scores(batch)
         if s.numel() == len(batch) and not self.host_checks(batch):  # a GPU step: checked at the epoch's end
             self.defer_check(torch.isfinite(s).all() & (s >= 0).all())
-        elif s.numel() != len(batch) or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        elif s.numel() != len(batch) or bool((s < 0).any()) or (
+                s is not batch.losses and not bool(torch.isfinite(s).all())):  # the losses were checked finite
             raise ValueError(
                 f"Expected one finite, non-negative {self.score!r} score per sample ({len(batch)}), but got "
                 f"{s.numel()} values (min {float(s.min()) if s.numel() else 'n/a'})."

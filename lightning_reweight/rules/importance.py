@@ -108,13 +108,13 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
     pos = torch.arange(idx_s.numel(), device=idx_s.device) - starts[inverse]  # 0-based occurrence number
     m = counts[inverse]
     keep = 1.0 - rate
-    coef = rate * torch.pow(torch.full_like(new_s, keep), (m - 1 - pos).to(new_s.dtype))
+    coef = rate * torch.pow(keep, (m - 1 - pos).to(new_s.dtype))
     was_seen = seen[uniq] > 0
     first_unseen = (pos == 0) & ~was_seen[inverse]
-    coef = torch.where(first_unseen, torch.pow(torch.full_like(new_s, keep), (m - 1).to(new_s.dtype)), coef)
+    coef = torch.where(first_unseen, torch.pow(keep, (m - 1).to(new_s.dtype)), coef)
     contrib = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device).index_add_(0, inverse, coef * new_s)
     old = values[uniq].to(torch.float64)
-    old_term = torch.where(was_seen, torch.pow(torch.full_like(old, keep), counts.to(old.dtype)) * old, 0.0)
+    old_term = torch.where(was_seen, torch.pow(keep, counts.to(old.dtype)) * old, 0.0)
     values[uniq] = (old_term + contrib).to(values.dtype)
     seen[uniq] = True
 
