@@ -179,6 +179,10 @@ class FairErrorBoundScaling(GroupCallback):
             self._last_scales = (torch.from_numpy(scales), torch.from_numpy(present))
         super().on_weights_computed(batch, weights, trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._fold_steps()  # what a GPU run counted on the device since the last log
+
     def log_extras(self) -> dict[str, float]:
         self._fold_steps()
         out: dict[str, float] = {}

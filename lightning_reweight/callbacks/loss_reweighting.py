@@ -81,6 +81,8 @@ class LossReweighting(WeightingCallback):
     A step whose weights' effective sample size falls below ``min_ess_frac`` of the batch warns (once per
     episode) and counts in the logged scalar ``<prefix>/ess_collapsed_steps``; ESS is Kish's
     ``(Σw)²/Σw²``, for the EMA normaliser ``min((Σw)²/Σw², Σw)`` (uniformly tiny weights collapse too).
+    On a GPU batch the collapses are counted on the device and read (and warned about) at the logging
+    cadence and at checkpoints, so a step issues no host sync.
 
     Args:
         rule: rule name or ``Rule`` object.
@@ -250,6 +252,10 @@ class LossReweighting(WeightingCallback):
             )
         self._collapsed = bool(new)
         self.ess_collapsed_steps += new
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._fold_collapses()  # what a GPU run counted on the device since the last log
 
     def log_extras(self) -> dict[str, float]:
         self._fold_collapses()
