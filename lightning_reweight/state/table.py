@@ -276,9 +276,9 @@ class SampleStateTable:
             ordered = torch.sort(index).values
             return not bool((ordered[1:] == ordered[:-1]).any()), False
         col = self.columns[counts[0]]
-        before = col[index]
+        before = col.index_select(0, index)  # (index_select / index_copy_: cheaper than [] on the CPU)
         col.index_add_(0, index, torch.ones(index.numel(), dtype=col.dtype))
-        unique = bool((col[index] - before).max() == 1)
+        unique = torch.equal(col.index_select(0, index), before + 1)  # a repeated row advanced by more
         for name in counts[1:]:
             other = self.columns[name]
             other.index_add_(0, index, torch.ones(index.numel(), dtype=other.dtype))
@@ -307,10 +307,10 @@ class SampleStateTable:
                 sums = torch.zeros(index.numel(), dtype=torch.float64).index_add_(0, inverse, val.double())
                 val = (sums / counts).to(val.dtype)
             if spec.kind == "last":
-                col[index] = val
+                col.index_copy_(0, index, val)
             else:  # ema; NaN (never seen) entries take the first value
-                old = col[index]
-                col[index] = torch.where(torch.isnan(old), val, torch.lerp(old, val, 1 - spec.decay))
+                old = col.index_select(0, index)
+                col.index_copy_(0, index, torch.where(torch.isnan(old), val, torch.lerp(old, val, 1 - spec.decay)))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
