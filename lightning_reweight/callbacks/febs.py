@@ -227,6 +227,7 @@ class FairErrorBoundScaling(GroupCallback):
         if read is None:
             return
         errors, seen, steps = read
+        self._steps_device = None  # device counts of the run before the restore are superseded
         if errors is not None:
             self.errors, self.seen = errors, seen
         self.steps = steps

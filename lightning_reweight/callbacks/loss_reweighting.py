@@ -289,3 +289,4 @@ class LossReweighting(WeightingCallback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.rule, self.ess_collapsed_steps = self._read_extra(state)
+        self._collapsed_device = None  # device counts of the run before the restore are superseded
