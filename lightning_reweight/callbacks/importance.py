@@ -215,7 +215,7 @@ class ImportanceSampling(WeightingCallback):
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
         if not self.importance_weighting or self.sampler is None:
             return None
-        p = self.sampler.current_probabilities()[batch.index]
+        p = self.sampler.probabilities_of(batch.index)  # O(batch): the epoch's total is cached
         return unbiasing_weights(p, self.sampler.num_weights)
 
     @override

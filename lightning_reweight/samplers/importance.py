@@ -56,6 +56,20 @@ class ImportanceSampler(WeightedSampler):
         w = w.to(torch.float64)
         return w / w.sum()
 
+    def probabilities_of(self, index: Tensor) -> Tensor:
+        """Draw probabilities (float64) of the rows ``index`` in the epoch being iterated: O(batch) per call.
+
+        The epoch's weights tensor is fixed while the epoch runs, so its float64 total is computed once per
+        weights tensor (one O(N) pass per epoch, not per step) and reused.
+        """
+        used = self._epoch_weights_used
+        w = used if used is not None else self.epoch_weights(self.epoch)
+        cached = getattr(self, "_total_cache", None)
+        if cached is None or cached[0] is not w:
+            cached = (w, w.to(torch.float64).sum())
+            self._total_cache = cached
+        return w[index.to(w.device)].to(torch.float64) / cached[1]
+
     def pending_probabilities(self) -> Tensor:
         """Probabilities the next ``iter()`` will draw from."""
         w = self.weights.to(torch.float64)
