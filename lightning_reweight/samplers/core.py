@@ -14,12 +14,14 @@
   replacement.
 
 Speed (CPU): the table is one 16-byte record per bucket (``prob`` and ``alias`` interleaved), so a draw costs
-one random gather; the draw reuses cache-sized buffers instead of allocating per chunk. The CPU build runs
-in numpy (its compaction, gathers and cumulative sums beat torch's on one thread) and merges the two sorted
-prefix-sum sequences with ``np.interp`` (which walks sorted queries in O(1) each) plus an exact correction,
-instead of a binary search per entry. It is bit-identical to the device-agnostic torch construction used for
-other devices, and to the tables and draws of earlier releases (compared on random, skewed, tied, integer and
-zero-containing weights): the random stream did not change. Weights are validated in one fused min/max pass.
+one random gather. With numba installed (a dependency; ``USE_NUMBA = False`` turns it off) the CPU build is
+one compiled sweep (``_kernels.build_alias_table``: the construction below done as a two-cursor walk, no
+temporaries) and the draw one compiled loop per generator chunk; without it, the build runs in numpy (its
+compaction, gathers and cumulative sums beat torch's on one thread) and merges the two sorted prefix-sum
+sequences with ``np.interp`` plus an exact correction, and the draw runs in cache-sized torch blocks. All
+paths give bit-identical tables and draws (the compiled ones compute the same float64 quantities in the same
+order), equal to the device-agnostic torch construction used for other devices and to the tables and draws
+of earlier releases: the random stream did not change. Weights are validated in one fused min/max pass.
 
 Alias-table construction (a prefix-sum form of the sweeping construction): scale ``q_i = N w_i / Σw``;
 "light" entries (``q < 1``) keep ``prob = q`` and borrow their deficit ``1 - q`` from a "heavy" entry
