@@ -217,3 +217,23 @@ def test_zero_weights_never_drawn_on_either_path(monkeypatch, use_numba):
     assert int((w[draws] == 0).sum()) == 0
     onehot = torch.zeros(10_000, dtype=torch.float64).index_fill_(0, torch.tensor([7777]), 0.5)
     assert bool((draw_weighted(onehot, 20_000, torch.Generator().manual_seed(4)) == 7777).all())
+
+
+def test_kernels_compile_without_a_cache_location(monkeypatch, recwarn):
+    # a read-only install with no writable user cache: numba finds no cache locator and refuses `cache=True`;
+    # the kernels must then compile in memory, silently, and still be exact
+    pytest.importorskip("numba", reason="numba is not installed")
+    from numba.core import caching
+
+    from lightning_reweight.samplers import _kernels
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        __import__("numba").njit(cache=True)(lambda x: x + 1)
+    fill = _kernels._jit(_kernels._fill.py_func)
+    assert type(fill._cache).__name__ == "NullCache"
+    idx, q = np.empty(_kernels._BLOCK, np.int64), np.empty(_kernels._BLOCK, np.float64)
+    weights = np.array([0.5, 2.0, 0.1, 3.0, 0.0])
+    count, pos = fill(weights, 1.0, 0, True, idx, q)
+    assert (count, pos) == (3, 5) and idx[:3].tolist() == [0, 2, 4] and q[:3].tolist() == [0.5, 0.1, 0.0]
+    assert not [w for w in recwarn if "numba" in type(w.message).__module__]
