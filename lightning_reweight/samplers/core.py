@@ -159,7 +159,7 @@ def _numba_kernels() -> Any:
     if _KERNELS is None:
         try:
             from lightning_reweight.samplers import _kernels
-        except ImportError:
+        except Exception:  # numba missing or broken (e.g. built for another numpy): the vectorised path
             _KERNELS = False
         else:
             _KERNELS = _kernels
