@@ -2,7 +2,7 @@
 
 With replacement, N draws from N random weights, at N = 1e6, 1e7, 1e8 (``--quick``: 1e5, 1e6):
 
-* ``ours (cold)``: ``draw_weighted(weights, N, generator)`` — alias table built from scratch (vectorised O(N))
+* ``ours (cold)``: ``draw_weighted(weights, N, generator)`` — alias table built from scratch (one compiled O(N) sweep)
   plus N O(1) draws; what an epoch costs when the weights changed since the last epoch.
 * ``ours (cached table)``: ``draw_alias(table, N, generator)`` — the epoch cost of a ``WeightedSampler`` whose
   weights did not change (it keeps the table).
@@ -27,7 +27,8 @@ machine), ``seconds_build_1e6|1e7|1e8`` (table build alone), ``speedup_vs_torch_
 whose weights did not change, the analogue of a ``WeightedRandomSampler`` epoch), ``speedup_vs_torch_1e7_cold``
 (table rebuilt: weights changed), ``speedup_vs_numpy_1e7[_cold]``, ``seconds_1e8`` (ours cold at 1e8: build +
 draw), ``seconds_1e8_cached``, ``speedup_e2e_1e6|1e7`` (``list(sampler)``), ``speedup_noreplace_vs_torch_1e6``,
-``peak_rss_gib`` (the benchmark process's peak memory, all methods and kept outputs included), and the same
+``seconds_first_draw`` (the first small draw in a fresh process: numba's import and kernel cache, median of
+3 processes), ``peak_rss_gib`` (the benchmark process's peak memory, all methods and kept outputs included), and the same
 figures at 1e6 (``--quick``: 1e5 and 1e6).
 Scale-down: single thread (``OMP_NUM_THREADS=1``), 3 repeats at 1e7, 1 at 1e8. A progress line per stage
 (and per timed call) shows the elapsed time; the full run takes several minutes.
@@ -101,6 +102,17 @@ def _round_robin(methods: dict[str, Callable[[], Any]], repeats: int, label: str
     return {name: {"seconds": statistics.median(times[name]) if times[name] else nan,
                    "cpu_seconds": statistics.median(cpu[name]) if cpu[name] else nan,
                    "status": status.get(name, "ok"), "output": outputs.get(name)} for name in methods}
+
+
+def _first_draw_seconds() -> float:
+    """Seconds of the first small ``draw_weighted`` in a fresh interpreter (imports excluded): on CPU that is
+    numba's import plus loading the compiled kernels from its disk cache (or compiling them)."""
+    import subprocess
+
+    code = ("import time, torch; from lightning_reweight.samplers import draw_weighted; t = time.perf_counter();"
+            " draw_weighted(torch.rand(1000), 100, torch.Generator()); print(time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def _fmt(seconds: float) -> str:
@@ -219,6 +231,11 @@ def main() -> None:
         if n == 10**6:
             figures["speedup_noreplace_vs_torch_1e6"] = res["torch WRS (replacement=False)"]["seconds"] / ours
     print_table(worep, "Without replacement: a full weighted permutation of N")
+
+    _progress("first draw in a fresh process (numba import + compile cache), 3 processes")
+    first = [_first_draw_seconds() for _ in range(3)]
+    figures["seconds_first_draw"] = statistics.median(first)
+    print(f"\nfirst small draw in a fresh process (median of 3): {figures['seconds_first_draw']:.2f} s")
 
     figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\nfigures:", {k: round(v, 3) for k, v in figures.items()})

@@ -14,12 +14,14 @@
   replacement.
 
 Speed (CPU): the table is one 16-byte record per bucket (``prob`` and ``alias`` interleaved), so a draw costs
-one random gather; the draw reuses cache-sized buffers instead of allocating per chunk. The CPU build runs
-in numpy (its compaction, gathers and cumulative sums beat torch's on one thread) and merges the two sorted
-prefix-sum sequences with ``np.interp`` (which walks sorted queries in O(1) each) plus an exact correction,
-instead of a binary search per entry. It is bit-identical to the device-agnostic torch construction used for
-other devices, and to the tables and draws of earlier releases (compared on random, skewed, tied, integer and
-zero-containing weights): the random stream did not change. Weights are validated in one fused min/max pass.
+one random gather. With numba installed (a dependency; ``USE_NUMBA = False`` turns it off) the CPU build is
+one compiled sweep (``_kernels.build_alias_table``: the construction below done as a two-cursor walk, no
+temporaries) and the draw one compiled loop per generator chunk; without it, the build runs in numpy (its
+compaction, gathers and cumulative sums beat torch's on one thread) and merges the two sorted prefix-sum
+sequences with ``np.interp`` plus an exact correction, and the draw runs in cache-sized torch blocks. All
+paths give bit-identical tables and draws (the compiled ones compute the same float64 quantities in the same
+order), equal to the device-agnostic torch construction used for other devices and to the tables and draws
+of earlier releases: the random stream did not change. Weights are validated in one fused min/max pass.
 
 Alias-table construction (a prefix-sum form of the sweeping construction): scale ``q_i = N w_i / Σw``;
 "light" entries (``q < 1``) keep ``prob = q`` and borrow their deficit ``1 - q`` from a "heavy" entry
@@ -142,10 +144,68 @@ def build_alias_table(weights: Tensor) -> AliasTable:
     return _build_alias_table(validate_weights(weights))
 
 
+# Use the compiled numba kernels (``_kernels``) for CPU tables and draws when numba is importable; False forces
+# the vectorised numpy/torch path (same tables and stream, bit for bit).
+USE_NUMBA = True
+_KERNELS: Any = None  # the imported ``_kernels`` module, False if numba is missing, None before the first try
+
+
+def _numba_kernels() -> Any:
+    """The ``_kernels`` module, imported on first use (numba's import costs ~0.3 s), or None when numba is
+    missing or ``USE_NUMBA`` is False."""
+    global _KERNELS
+    if not USE_NUMBA:
+        return None
+    if _KERNELS is None:
+        try:
+            from lightning_reweight.samplers import _kernels
+        except Exception:  # numba missing or broken (e.g. built for another numpy): the vectorised path
+            _KERNELS = False
+        else:
+            _KERNELS = _kernels
+    return _KERNELS or None
+
+
 def _build_alias_table(weights: Tensor) -> AliasTable:
     if weights.device.type == "cpu":
+        kernels = _numba_kernels()
+        if kernels is not None:
+            return _build_alias_table_numba(weights, kernels)
         return _build_alias_table_numpy(weights)
     return _build_alias_table_torch(weights)
+
+
+def _record_views(packed: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, 2)`` float64 and int64 numpy views of a packed table: ``[:, 0]`` of the first is ``prob``,
+    ``[:, 1]`` of the second is ``alias``."""
+    rec_prob = packed.numpy().view(np.float64).reshape(-1, 2)
+    return rec_prob, rec_prob.view(np.int64)
+
+
+def _build_alias_table_numba(weights: Tensor, kernels: Any) -> AliasTable:
+    """CPU construction in one compiled sweep (``_kernels.build_alias_table``): reads the weights twice and
+    writes each record once, with no temporaries. Bit-identical to ``_build_alias_table_numpy``; the rare
+    input whose rounding the sweep does not cover is handed to it.
+
+    The records are allocated by numpy, which asks for transparent huge pages (fewer page faults here and
+    TLB misses in every later draw's random gather). ``Σw`` is the same float64 ``torch.sum`` as the other
+    constructions; for float32 weights it sums a float64 copy written into the records' memory (about 5x
+    faster than torch's casting sum of the float32 tensor, and the same bits)."""
+    n = weights.numel()
+    w = weights.detach()
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.to(torch.float64)
+    w = w.contiguous()
+    packed = torch.from_numpy(np.empty(n, dtype=np.complex128))
+    if w.dtype == torch.float64:
+        total = _checked_total(w)
+    else:
+        scratch = torch.view_as_real(packed).view(-1)[:n]  # overwritten by the build below
+        total = _checked_total(scratch.copy_(w))
+    rec_prob, rec_alias = _record_views(packed)
+    if not kernels.build_alias_table(w.numpy(), n * (1.0 / total), rec_prob, rec_alias):
+        return _build_alias_table_numpy(weights)
+    return _packed_table(packed)
 
 
 def _checked_total(weights: Tensor) -> float:
@@ -344,18 +404,28 @@ def _alias_chunks(
     device = table.prob.device
     size = min(_CHUNK, num_draws)
     packed = getattr(table, "packed", None)
-    u_buf = torch.empty(size, dtype=torch.float64, device=device)
+    kernels = _numba_kernels() if packed is not None and device.type == "cpu" else None
+    # with the compiled kernel the bucket uniforms are drawn into the output chunk itself (read, then
+    # overwritten by the draw at the same position): one buffer fewer to fault in and keep in cache
+    u_buf = torch.empty(size, dtype=torch.float64, device=device) if kernels is None else None
     coin_buf = torch.empty(size, dtype=torch.float64, device=device)
     out_buf = torch.empty(size, dtype=torch.int64, device=device) if out is None else None
-    block = min(_BLOCK if device.type == "cpu" else size, size)
-    rec_buf = torch.empty(block, dtype=torch.complex128, device=device) if packed is not None else None
-    keep_buf = torch.empty(block, dtype=torch.bool, device=device)
-    bucket_buf = torch.empty(block, dtype=torch.int64, device=device)
+    if kernels is not None:
+        rec_prob, rec_alias = _record_views(packed)
+    else:
+        block = min(_BLOCK if device.type == "cpu" else size, size)
+        rec_buf = torch.empty(block, dtype=torch.complex128, device=device) if packed is not None else None
+        keep_buf = torch.empty(block, dtype=torch.bool, device=device)
+        bucket_buf = torch.empty(block, dtype=torch.int64, device=device)
     for start in range(0, num_draws, _CHUNK):
         m = min(_CHUNK, num_draws - start)
-        u = u_buf[:m].uniform_(generator=generator)  # == torch.rand(m, dtype=float64, generator=generator)
-        coin = coin_buf[:m].uniform_(generator=generator)
         dest = out_buf[:m] if out_buf is not None else out[start : start + m]
+        u = (u_buf[:m] if u_buf is not None else dest.view(torch.float64)).uniform_(generator=generator)
+        coin = coin_buf[:m].uniform_(generator=generator)  # both == torch.rand(m, dtype=float64, generator=...)
+        if kernels is not None:  # the same per-draw operations, fused in compiled code
+            kernels.draw_alias(rec_prob, rec_alias, u.numpy(), coin.numpy(), dest.numpy())
+            yield dest
+            continue
         for lo in range(0, m, block):
             hi = min(lo + block, m)
             # uniform_indices(n, m, generator): floor(u * n); the int64 cast truncates, = floor as u * n >= 0;
