@@ -53,6 +53,27 @@ def _fill(weights: np.ndarray, scale: float, pos: int, light: bool, idx: np.ndar
 
 
 @_jit
+def _pass_heavy(weights: np.ndarray, scale: float, rec_prob: np.ndarray, rec_alias: np.ndarray, h: int,
+                excess: float, deficit_end: float, next_heavy: int, n_heavy_buf: int, heavy_pos: int,
+                heavy_idx: np.ndarray, heavy_q: np.ndarray) -> tuple:
+    """Move the heavy cursor past heavy ``h``, which has served every light so far: it keeps
+    ``E_k + 1 - D_end`` of its bucket and borrows the rest from the next heavy (the last heavy keeps all of
+    it). Returns the updated ``(h, excess, next_heavy, n_heavy_buf, heavy_pos)``; ``h = n`` once past the last."""
+    if next_heavy == n_heavy_buf:
+        n_heavy_buf, heavy_pos = _fill(weights, scale, heavy_pos, False, heavy_idx, heavy_q)
+        next_heavy = 0
+    if n_heavy_buf == 0:  # h is the last heavy
+        rec_prob[h, 0] = 1.0
+        rec_alias[h, 1] = h
+        return weights.shape[0], excess, next_heavy, n_heavy_buf, heavy_pos
+    nxt = heavy_idx[next_heavy]
+    keep = (excess + 1.0) - deficit_end
+    rec_prob[h, 0] = min(max(keep, 0.0), 1.0)
+    rec_alias[h, 1] = nxt
+    return nxt, excess + (heavy_q[next_heavy] - 1.0), next_heavy + 1, n_heavy_buf, heavy_pos
+
+
+@_jit
 def build_alias_table(weights: np.ndarray, scale: float, rec_prob: np.ndarray, rec_alias: np.ndarray) -> bool:
     """Fill the alias table for ``q = weights · scale`` (``scale = N / Σw``) in one sweep.
 
@@ -99,42 +120,18 @@ def build_alias_table(weights: np.ndarray, scale: float, rec_prob: np.ndarray, r
                 return False
             previous_start = start
             while h < n and excess <= start:  # light a borrows from the first heavy with E_k > D_a
-                if next_heavy == n_heavy_buf:
-                    n_heavy_buf, heavy_pos = _fill(weights, scale, heavy_pos, False, heavy_idx, heavy_q)
-                    next_heavy = 0
-                if n_heavy_buf == 0:  # h is the last heavy
-                    rec_prob[h, 0] = 1.0
-                    rec_alias[h, 1] = h
-                    last = h
-                    h = n
-                else:
-                    nxt = heavy_idx[next_heavy]
-                    keep = (excess + 1.0) - deficit_end
-                    rec_prob[h, 0] = min(max(keep, 0.0), 1.0)
-                    rec_alias[h, 1] = nxt
-                    excess = excess + (heavy_q[next_heavy] - 1.0)
-                    next_heavy += 1
-                    h = nxt
+                last = h  # the heavy being passed (read only once the cursor is past the last one)
+                h, excess, next_heavy, n_heavy_buf, heavy_pos = _pass_heavy(
+                    weights, scale, rec_prob, rec_alias, h, excess, deficit_end, next_heavy, n_heavy_buf,
+                    heavy_pos, heavy_idx, heavy_q)
             i = light_idx[a]
             rec_prob[i, 0] = q
             rec_alias[i, 1] = h if h < n else last
             deficit_end = end
     while h < n:  # heavies past the last light's donor: they served every light
-        if next_heavy == n_heavy_buf:
-            n_heavy_buf, heavy_pos = _fill(weights, scale, heavy_pos, False, heavy_idx, heavy_q)
-            next_heavy = 0
-        if n_heavy_buf == 0:
-            rec_prob[h, 0] = 1.0
-            rec_alias[h, 1] = h
-            h = n
-        else:
-            nxt = heavy_idx[next_heavy]
-            keep = (excess + 1.0) - deficit_end
-            rec_prob[h, 0] = min(max(keep, 0.0), 1.0)
-            rec_alias[h, 1] = nxt
-            excess = excess + (heavy_q[next_heavy] - 1.0)
-            next_heavy += 1
-            h = nxt
+        h, excess, next_heavy, n_heavy_buf, heavy_pos = _pass_heavy(
+            weights, scale, rec_prob, rec_alias, h, excess, deficit_end, next_heavy, n_heavy_buf, heavy_pos,
+            heavy_idx, heavy_q)
     return True
 
 

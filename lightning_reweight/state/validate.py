@@ -132,6 +132,15 @@ def _scalar(state: Mapping[str, Any], key: str, where: str) -> Any:
     return value
 
 
+def _within(value: Any, key: str, where: str, minimum: Any, maximum: Any, what: str) -> Any:
+    """``value`` if it lies within the inclusive bounds (``None``: unbounded), else ``CheckpointStateError``."""
+    if minimum is not None and value < minimum:
+        raise CheckpointStateError(where, key, f"expected {what} >= {minimum}, but got {value}.")
+    if maximum is not None and value > maximum:
+        raise CheckpointStateError(where, key, f"expected {what} <= {maximum}, but got {value}.")
+    return value
+
+
 def as_int(state: Mapping[str, Any], key: str, where: str, *, minimum: int | None = None,
            maximum: int | None = None, optional: bool = False) -> int | None:
     """``state[key]`` as an int within ``[minimum, maximum]`` (``None`` allowed when ``optional``)."""
@@ -140,11 +149,7 @@ def as_int(state: Mapping[str, Any], key: str, where: str, *, minimum: int | Non
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise CheckpointStateError(where, key, f"expected an int, but got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise CheckpointStateError(where, key, f"expected an int >= {minimum}, but got {value}.")
-    if maximum is not None and value > maximum:
-        raise CheckpointStateError(where, key, f"expected an int <= {maximum}, but got {value}.")
-    return value
+    return _within(value, key, where, minimum, maximum, "an int")
 
 
 def as_float(state: Mapping[str, Any], key: str, where: str, *, minimum: float | None = None,
@@ -158,8 +163,4 @@ def as_float(state: Mapping[str, Any], key: str, where: str, *, minimum: float |
     value = float(value)
     if finite and (value != value or abs(value) == float("inf")):
         raise CheckpointStateError(where, key, f"expected a finite number, but got {value}.")
-    if minimum is not None and value < minimum:
-        raise CheckpointStateError(where, key, f"expected a number >= {minimum}, but got {value}.")
-    if maximum is not None and value > maximum:
-        raise CheckpointStateError(where, key, f"expected a number <= {maximum}, but got {value}.")
-    return value
+    return _within(value, key, where, minimum, maximum, "a number")
