@@ -12,7 +12,9 @@
 #      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn"))
 # plus nvidia-smi.txt and summary.txt (every figure, one per line). In --cpu-smoke mode only step 3 runs
 # (on CPU, 4 steps), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 1-2 with --quick.
-# Environment: PYTHON (default: python), GPU_CHECK_QUICK=1 passes --quick to every benchmark.
+# Environment: PYTHON (default: python), GPU_CHECK_QUICK=1 passes --quick to every benchmark,
+# GPU_CHECK_SAMPLER_ARGS adds arguments to sampler_speed.py (e.g. "--sizes 1e7" for a short run: the full one
+# times torch.multinomial at 1e8, minutes of CPU time).
 # Exit status: 0 all passed, 2 usage or no CUDA device, 1 a benchmark failed (the others still ran).
 set -uo pipefail
 
@@ -84,7 +86,8 @@ else
     OVERHEAD_ARGS=(--accelerator gpu)
   fi
   step overhead "$PY" benchmarks/overhead.py "${QUICK[@]}" "${OVERHEAD_ARGS[@]}" --json "$OUT/overhead.json" --out "$OUT"
-  step sampler_speed "$PY" benchmarks/sampler_speed.py "${QUICK[@]}" --json "$OUT/sampler_speed.json" --out "$OUT"
+  read -r -a SAMPLER_ARGS <<< "${GPU_CHECK_SAMPLER_ARGS:-}"
+  step sampler_speed "$PY" benchmarks/sampler_speed.py "${QUICK[@]}" "${SAMPLER_ARGS[@]}" --json "$OUT/sampler_speed.json" --out "$OUT"
   step gpu_fit "$PY" benchmarks/gpu_fit.py --device cuda "${QUICK[@]}" --json "$OUT/gpu_fit.json"
 fi
 

@@ -7,7 +7,11 @@ training step alternates: even steps reduce with a plain ``losses.mean()``, odd 
 median reweighted step to the median plain step over all steps after warm-up. A second table times
 the per-step table update at growing N to show it does not grow with the data set (O(batch) per step).
 
-    python benchmarks/overhead.py [--quick] [--json PATH]
+    python benchmarks/overhead.py [--quick] [--json PATH] [--accelerator cpu|gpu]
+
+``--accelerator gpu`` (what ``benchmarks/gpu_check.sh`` passes) runs the same on one CUDA GPU: the step timer
+synchronises the device at the start and end of each step, the per-sample table lives on the GPU (the device
+path: no host sync per step) and the ``reduce_loss`` and table-update probes time CUDA tensors.
 
 JSON figures: ``overhead_ratio`` (reweighted / plain median step time), ``reduce_loss_ms`` (the contract
 path's own cost per call), ``implied_overhead_ratio`` (1 + that / plain step), ``table_update_ms_1e7``.
@@ -32,6 +36,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--model", default="resnet10t")
+    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                   help="'gpu': one CUDA device (step timer synchronises; table and probes on the GPU)")
     args = p.parse_args()
     args.steps += args.steps % 2  # even: as many plain as reweighted steps
     setup_threads(args.threads)
@@ -44,6 +50,14 @@ def main() -> None:
 
     from lightning_reweight import IndexedDataset, LossReweighting, SampleStateTable
     from lightning_reweight.models import ImageClassifier
+
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("overhead.py --accelerator gpu: no CUDA device (torch.cuda.is_available() is False)")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     warm = 4
     n = args.batch_size * (args.steps + warm)
@@ -63,9 +77,11 @@ def main() -> None:
             self.times: dict[int, list[float]] = {0: [], 1: []}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sync()
             self._t = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync()
             if batch_idx >= warm:
                 self.times[batch_idx % 2].append(time.perf_counter() - self._t)
 
@@ -74,7 +90,7 @@ def main() -> None:
         pl.seed_everything(0, verbose=False)
         timer = StepTimer()
         callbacks = [LossReweighting("linupper", warmup_steps=0, log_every_n_steps=10), timer]
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + warm, logger=False,
+        trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps + warm, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=callbacks)
         model = Alternating(args.model, num_classes=10, in_chans=3, scheduler="none")
@@ -96,19 +112,24 @@ def main() -> None:
     # absolute cost of the contract path (gather is a no-op in one process): reduce_loss + callback hooks
     from lightning_reweight.callbacks.base import GlobalBatch  # noqa: F401  (documented type of the path)
 
-    probe = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    probe = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False,
                        callbacks=[LossReweighting("linupper", warmup_steps=0, num_samples=n)])
-    mod = ImageClassifier(args.model, num_classes=10, in_chans=3, scheduler="none")
+    mod = ImageClassifier(args.model, num_classes=10, in_chans=3, scheduler="none").to(device)
     probe.strategy.connect(mod)
     mod.trainer = probe
     probe.state.fn, probe.state.stage = "fit", "train"
     probe.training = True
     from lightning_reweight import reduce_loss
 
-    losses = torch.rand(args.batch_size, generator=g, requires_grad=True)
-    index = torch.randperm(n, generator=g)[: args.batch_size]
-    call_ms = median_time(lambda: reduce_loss(mod, losses, index), repeats=200, warmup=10) * 1e3
+    losses = torch.rand(args.batch_size, generator=g).to(device).requires_grad_(True)
+    index = torch.randperm(n, generator=g)[: args.batch_size].to(device)
+
+    def call() -> None:
+        reduce_loss(mod, losses, index)
+        sync()
+
+    call_ms = median_time(call, repeats=200, warmup=10) * 1e3
     est = 1 + call_ms / (statistics.median(plain) * 1e3)
     print(f"reduce_loss + LossReweighting per call: {call_ms:.3f} ms at batch {args.batch_size} "
           f"-> implied overhead ratio {est:.4f}")
@@ -118,9 +139,16 @@ def main() -> None:
     upd_rows, upd_ms = [], {}
     for size in sizes:
         table = SampleStateTable(size)
-        idx = torch.randint(0, size, (args.batch_size,), generator=g)
-        vals = torch.rand(args.batch_size, generator=g)
-        t = median_time(lambda t=table, i=idx, v=vals: t.update(i, loss=v, ema_loss=v, weight=v), repeats=50, warmup=5)
+        if device.type != "cpu":
+            table.to(device)
+        idx = torch.randint(0, size, (args.batch_size,), generator=g).to(device)
+        vals = torch.rand(args.batch_size, generator=g).to(device)
+
+        def update(t=table, i=idx, v=vals) -> None:
+            t.update(i, loss=v, ema_loss=v, weight=v)
+            sync()
+
+        t = median_time(update, repeats=50, warmup=5)
         upd_ms[size] = t * 1e3
         upd_rows.append({"N": f"{size:.0e}", "table MiB": f"{table.nbytes() / 2**20:.1f}",
                          "update ms / step": f"{t * 1e3:.3f}"})
@@ -145,7 +173,8 @@ def main() -> None:
                            "reweighted_step_ms": statistics.median(reweighted) * 1e3,
                            "table_update_ms_1e7": upd_ms.get(10**7, float("nan")),
                            "reduce_loss_ms": call_ms, "implied_overhead_ratio": est},
-               table=rows + upd_rows, args=vars(args))
+               table=rows + upd_rows, args=vars(args), device=str(device),
+               device_name=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ Methods are interleaved within each repeat (round robin) to cancel drifts of a s
 medians of the repeats and ratios come from the same run. The last column checks exactness: total-variation
 distance between the empirical draw frequencies (100 equal-width index bins) and the target.
 
-    python benchmarks/sampler_speed.py [--quick] [--json PATH] [--out DIR] [--repeats R] [--numpy-1e8]
+    python benchmarks/sampler_speed.py [--quick] [--json PATH] [--out DIR] [--repeats R] [--numpy-1e8] [--sizes 1e6,1e7]
 
 JSON figures: ``speedup_cold_1e7`` (torch WRS / ours cold, the issue-13 target: >= 10), ``speedup_cached_1e7``
 (torch WRS / ours with the table cached), the same two from CPU time (``..._cpu``: steadier on a shared
@@ -123,6 +123,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=None, help="repeats per size (default 5 / 3 / 1 by size)")
     p.add_argument("--numpy-1e8", action="store_true", help="also time numpy at 1e8 (minutes)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated N to time instead of the default (e.g. '1e6,1e7'; a short GPU-machine run)")
     args = p.parse_args()
     setup_threads(args.threads)
     import numpy as np
@@ -136,6 +138,8 @@ def main() -> None:
     )
 
     sizes = [10**5, 10**6] if args.quick else [10**6, 10**7, 10**8]
+    if args.sizes:
+        sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
     rows, figures, series = [], {}, {}
     _progress(f"sizes {sizes}, {args.threads} thread(s)")
     for n in sizes:

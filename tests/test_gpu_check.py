@@ -39,8 +39,9 @@ def test_cpu_smoke_runs_every_callback(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((out / "gpu_fit.json").read_text())
     figures = payload["figures"]
-    configs = ["plain_mean", "LossReweighting", "GroupDRO", "FairErrorBoundScaling", "GroupBalancing_upweight",
-               "GroupBalancing_upsample", "ImportanceSampling", "WeightedSampler_SamplerState"]
+    configs = ["plain_mean", "LossReweighting", "LossReweighting_kl_dro", "GroupDRO", "FairErrorBoundScaling",
+               "GroupBalancing_upweight", "GroupBalancing_upsample", "ImportanceSampling", "AdaWAC",
+               "WeightedSampler_SamplerState"]
     for name in configs:
         assert figures[f"ok_{name}"] == 1.0, payload["failed"]
         assert figures[f"step_ms_{name}"] > 0

@@ -139,7 +139,8 @@ class GroupBalancing(WeightingCallback):
         self.counts: Tensor | None = None
         self._total_steps: int | None = None
         self._draws = torch.zeros(0, dtype=torch.float64)
-        self._device_cache: tuple[Any, Tensor, Tensor] | None = None
+        self._device_cache: tuple[Any, Tensor] | None = None  # ((tau, device), group weights there)
+        self._groups_device: tuple[Tensor, Tensor] | None = None  # (self.groups, the same on the batch's device)
         self._cache: tuple[float, Tensor] | None = None
 
     # ------------------------------------------------------------------ ids and schedule
@@ -249,12 +250,18 @@ class GroupBalancing(WeightingCallback):
         if device.type == "cpu":
             return self.group_weights(tau)[self.groups[batch.index]].float()
         # a GPU batch: the group ids and the per-tau weights move there once (and again when tau changes)
+        groups = self._groups_on(device)
         if self._device_cache is None or self._device_cache[0] != (tau, device):
-            groups = self._device_cache[1] if self._device_cache is not None \
-                and self._device_cache[1].device == device else self.groups.to(device)
-            self._device_cache = ((tau, device), groups, self.group_weights(tau).to(device, torch.float32))
-        _, groups, weights = self._device_cache
-        return weights[groups[batch.index]]
+            self._device_cache = ((tau, device), self.group_weights(tau).to(device, torch.float32))
+        return self._device_cache[1][groups[batch.index]]
+
+    def _groups_on(self, device: torch.device) -> Tensor:
+        """The group ids on ``device``, copied once per device and per group assignment (a GPU step then
+        indexes them without a host transfer; "upsample" mode needs them too, for the draw counts)."""
+        cache = self._groups_device
+        if cache is None or cache[0] is not self.groups or cache[1].device != device:
+            self._groups_device = cache = (self.groups, self.groups.to(device))
+        return cache[1]
 
     @override
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
@@ -262,8 +269,8 @@ class GroupBalancing(WeightingCallback):
         super().on_weights_computed(batch, weights, trainer, pl_module)
         if self.groups is None:
             return
-        if batch.index.device.type != "cpu" and self._device_cache is not None:  # no bincount (it syncs)
-            ids = self._device_cache[1][batch.index]
+        if batch.index.device.type != "cpu":  # no bincount and no host copy of the index (both sync)
+            ids = self._groups_on(batch.index.device)[batch.index]
             counts = torch.zeros(self.counts.numel(), dtype=torch.float64, device=ids.device)
             counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
         else:
