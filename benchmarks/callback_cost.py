@@ -6,7 +6,7 @@ the global batch, every callback hook, the weighted sum), not the model. The fig
 the steps after warm-up; all configurations run in one process, one after the other, so their ratios
 are comparable (a shared machine's drift still moves the absolute numbers).
 
-    python benchmarks/callback_cost.py [--quick] [--json PATH] [--threads 1]
+    python benchmarks/callback_cost.py [--quick] [--json PATH] [--threads 1] [--only NAME,NAME]
 
 JSON figures: ``reduce_loss_ms_<callback>_<batch>`` for ``<callback>`` in ``none`` (no weighting callback:
 the plain mean), ``loss_reweighting_linupper``, ``loss_reweighting_kl_dro_ema``, ``group_dro``,
@@ -113,7 +113,16 @@ def _quiet() -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
+    p.add_argument("--only", default=None,
+                   help="comma-separated callback names to run (default: all), e.g. importance_sampling,none")
     args = p.parse_args()
+    callbacks = _callbacks()
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in callbacks]
+        if unknown:
+            p.error(f"unknown callback(s) {unknown}; choose from {sorted(callbacks)}")
+        callbacks = {n: callbacks[n] for n in names}
     setup_threads(args.threads)
     _quiet()
     batches = [64, 1024] if args.quick else [64, 1024, 8192]
@@ -122,7 +131,7 @@ def main() -> None:
     figures: dict[str, float] = {}
     rows = []
     start = time.perf_counter()
-    for name, factory in _callbacks().items():
+    for name, factory in callbacks.items():
         row = {"callback": name}
         for batch in batches:
             ms = statistics.median(measure(name, factory, batch, steps, warm)) * 1e3
@@ -141,7 +150,7 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(7, 3.5))
         width = 0.8 / len(batches)
-        names = list(_callbacks())
+        names = list(callbacks)
         for k, batch in enumerate(batches):
             ax.bar([i + k * width for i in range(len(names))],
                    [figures[f"reduce_loss_ms_{n}_{batch}"] for n in names], width, label=f"batch {batch}")

@@ -204,7 +204,7 @@ class ImportanceSampling(WeightingCallback):
         s = self._scores(batch)
         if s.numel() == len(batch) and not self.host_checks(batch):  # a GPU step: checked at the epoch's end
             self.defer_check(torch.isfinite(s).all() & (s >= 0).all())
-        elif s.numel() != len(batch) or bool((s < 0).any()) or (
+        elif s.numel() != len(batch) or s.min().item() < 0 or (
                 s is not batch.losses and not bool(torch.isfinite(s).all())):  # the losses were checked finite
             raise ValueError(
                 f"Expected one finite, non-negative {self.score!r} score per sample ({len(batch)}), but got "
@@ -221,10 +221,14 @@ class ImportanceSampling(WeightingCallback):
     @override
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
-        super().on_weights_computed(batch, weights, trainer, pl_module)
         table = self.table
+        # WeightingCallback's commit (record the batch, keep the weights for logging), keeping where the indices
+        # repeat (draws with replacement): the score update below reuses it instead of sorting the batch again
+        repeats = table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights)
+        self._last = None if self.last_weights is None else (batch, self.last_weights)
         # O(batch): only the batch's rows of ``is_score`` / ``is_seen`` are read and written
-        scatter_ema_(table["is_score"], table["is_seen"], batch.index, self._scores(batch), self.smoothing)
+        scatter_ema_(table.columns["is_score"], table.columns["is_seen"], batch.index, self._scores(batch),
+                     self.smoothing, repeats=repeats)
         if self._num_classes and batch.index.device.type != "cpu":  # no bincount on a GPU (it syncs)
             if self._targets_device is None or self._targets_device.device != batch.index.device:
                 self._targets_device = self._targets.to(batch.index.device)  # once

@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_reweight.state.table import _HOST_DTYPES, Repeats
 
 Unseen = Literal["zero", "mean"]
 
@@ -72,7 +75,8 @@ def gradnorm_score(logits: Tensor, target: Tensor) -> Tensor:
     return torch.linalg.vector_norm(probs - onehot, dim=1)
 
 
-def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate: float) -> None:
+def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate: float,
+                 repeats: Repeats | None = None) -> None:
     """In place, sequential EMA updates ``v ← (1 − rate)·v + rate·x`` of ``values[index]``, in batch order.
 
     A sample's first observation (``seen`` False) sets ``v = x``. Repeated indices within one call are applied
@@ -86,37 +90,90 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
         index: ``(B,)`` long dataset indices (may repeat).
         new: ``(B,)`` new observations.
         rate: weight of a new observation, in ``(0, 1]``.
+        repeats: on the CPU, where ``index`` repeats, if already known (``SampleStateTable.update`` returns
+            it for the same batch): the update then needs no sort. Ignored on a GPU.
     """
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"Expected argument `rate` (smoothing) to be in (0, 1], but got {rate!r}.")
     if index.numel() == 0:
         return
     index = index.reshape(-1).to(values.device, torch.long)
-    new = new.detach().reshape(-1).to(values.device, torch.float64)
-    idx_s, order = torch.sort(index, stable=True)
+    new = new.detach().reshape(-1)
     if index.device.type != "cpu":  # fixed shapes: no host sync on a GPU
-        _scatter_ema_fixed(values, seen, idx_s, new[order], rate)
+        idx_s, order = torch.sort(index, stable=True)
+        _scatter_ema_fixed(values, seen, idx_s, new.to(values.device, torch.float64)[order], rate)
         return
-    if not bool((idx_s[1:] == idx_s[:-1]).any()):  # no repeats (the common case): one vectorised step
-        old = values[index].to(torch.float64)
-        values[index] = torch.where(seen[index] > 0, (1.0 - rate) * old + rate * new, new).to(values.dtype)
-        seen[index] = True
+    if repeats is None or repeats.size != index.numel():
+        repeats = Repeats.of(index)
+    if values.dtype in _HOST_DTYPES and seen.dtype in _HOST_SEEN:
+        x = new.numpy() if new.dtype in _HOST_DTYPES and new.device.type == "cpu" else new.cpu().double().numpy()
+        _scatter_ema_host(values.numpy(), seen.numpy(), index.numpy(), x.astype(np.float64, copy=False), rate, repeats)
         return
-    new_s = new[order]
-    uniq, inverse, counts = torch.unique_consecutive(idx_s, return_inverse=True, return_counts=True)
-    starts = counts.cumsum(0) - counts
-    pos = torch.arange(idx_s.numel(), device=idx_s.device) - starts[inverse]  # 0-based occurrence number
-    m = counts[inverse]
+    new = new.to(values.device, torch.float64)
+    keep = 1.0 - rate  # other dtypes: the same float64 steps with torch ops
+    old = values.index_select(0, index).double()
+    was_seen = seen.index_select(0, index) > 0
+    out = torch.where(was_seen, keep * old + rate * new, new)
+    if repeats.positions is not None:
+        rep = {k: torch.from_numpy(getattr(repeats, k)) for k in ("positions", "group", "count", "later")}
+        table = torch.from_numpy(_powers(rate, repeats.size + 1))
+        half = table.numel() // 2
+        row_seen = was_seen.index_select(0, rep["positions"])
+        coef = table.index_select(0, rep["later"].add((rep["later"] == rep["count"] - 1) > row_seen, alpha=half))
+        contrib = torch.zeros(rep["positions"].numel(), dtype=torch.float64)
+        contrib.index_add_(0, rep["group"], coef * new.index_select(0, rep["positions"]))
+        old_term = torch.where(row_seen, table.index_select(0, rep["count"] + half)
+                               * old.index_select(0, rep["positions"]), 0.0)
+        out.index_copy_(0, rep["positions"], old_term + contrib.index_select(0, rep["group"]))
+    values.index_copy_(0, index, out.to(values.dtype))
+    seen.index_fill_(0, index, True)
+
+
+#: ``seen`` dtypes the numpy path reads and writes (``> 0`` is seen; written as True / 1)
+_HOST_SEEN = (torch.bool, torch.float32, torch.float64)
+
+_POWERS: dict[float, np.ndarray] = {}
+
+
+def _powers(rate: float, length: int) -> np.ndarray:
+    """``[rate·keep^k, keep^k]`` for ``k < length`` (keep = 1 − rate), flattened, float64: the closed form's
+    coefficients as lookups (``torch.pow``'s values). Cached per rate, grown by doubling, so a step computes no
+    power."""
+    table = _POWERS.get(rate)
+    if table is None or table.size < 2 * length:
+        length = max(length, 0 if table is None else table.size, 16)
+        powers = torch.pow(1.0 - rate, torch.arange(length, dtype=torch.float64))
+        table = torch.cat([rate * powers, powers]).numpy()
+        if len(_POWERS) > 64:  # a handful of rates per process; never grow without bound
+            _POWERS.clear()
+        _POWERS[rate] = table
+    return table
+
+
+def _scatter_ema_host(values: np.ndarray, seen: np.ndarray, index: np.ndarray, new: np.ndarray, rate: float,
+                      repeats: Repeats) -> None:
+    """``scatter_ema_`` on numpy views of CPU tensors (``new`` float64): the same float64 operations in the
+    same order as the torch ops, with fewer and cheaper calls.
+
+    A sample seen once in the batch takes one EMA step (or its first value). A sample that occurs m times
+    takes the closed form ``v = keep^m·v_old + Σ_k rate·keep^(m−1−k)·x_k`` over its occurrences in batch order
+    (the first term ``keep^(m−1)·x_0``, without ``rate``, when it was unseen), summed from 0 in that order."""
     keep = 1.0 - rate
-    coef = rate * torch.pow(keep, (m - 1 - pos).to(new_s.dtype))
-    was_seen = seen[uniq] > 0
-    first_unseen = (pos == 0) & ~was_seen[inverse]
-    coef = torch.where(first_unseen, torch.pow(keep, (m - 1).to(new_s.dtype)), coef)
-    contrib = torch.zeros(uniq.numel(), dtype=torch.float64, device=values.device).index_add_(0, inverse, coef * new_s)
-    old = values[uniq].to(torch.float64)
-    old_term = torch.where(was_seen, torch.pow(keep, counts.to(old.dtype)) * old, 0.0)
-    values[uniq] = (old_term + contrib).to(values.dtype)
-    seen[uniq] = True
+    old = values[index].astype(np.float64)
+    was_seen = seen[index] > 0
+    out = np.where(was_seen, keep * old + rate * new, new)
+    if repeats.positions is not None:
+        positions, group, count, later = repeats.positions, repeats.group, repeats.count, repeats.later
+        table = _powers(rate, repeats.size + 1)
+        half = table.size // 2
+        row_seen = was_seen[positions]
+        # an unseen row's first occurrence (later == count - 1) reads keep^(m-1) from the table's second half
+        coef = table[later + half * ((later == count - 1) > row_seen)]
+        contrib = np.bincount(group, weights=coef * new[positions], minlength=positions.size)
+        old_term = np.where(row_seen, table[count + half] * old[positions], 0.0)
+        out[positions] = old_term + contrib[group]  # every copy of a row: the row's value
+    values[index] = out.astype(values.dtype)
+    seen[index] = True
 
 
 def _scatter_ema_fixed(values: Tensor, seen: Tensor, idx_s: Tensor, new_s: Tensor, rate: float) -> None:

@@ -7,7 +7,9 @@ Duplicate indices in one update (with-replacement sampling draws a sample twice)
 deterministically: ``"last"``/``"ema"`` columns take the mean of that sample's values in the batch,
 ``"sum"`` columns add them all, ``"max"`` takes the maximum, and ``count`` grows by the number of occurrences.
 The merge uses only fixed-shape ops (sort, searchsorted, cumsum, scatter), so an update of a table on a GPU
-issues no host synchronisation.
+issues no host synchronisation. On the CPU the repeats are found without sorting the batch (from the ``count``
+column's increments; only the repeated positions are sorted), and ``update`` returns them (``Repeats``) so
+that another per-row write of the same batch (``rules.importance.scatter_ema_``) need not find them again.
 
 Checkpoints hold the live columns (no copy) and a restore takes ownership of the loaded tensors after
 validating them (``SampleStateTable.validate_state``): see ``state_dict`` / ``load_state_dict``.
@@ -19,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,6 +49,74 @@ class Column:
     init: float = 0.0
     decay: float = 0.9
     dtype: torch.dtype = torch.float32
+
+
+#: column dtypes whose CPU merges run on numpy views of the columns (fewer, cheaper calls than torch ops on a
+#: batch-sized tensor); numpy's float64 -> float32 cast and arithmetic match torch's bit for bit. Other dtypes
+#: (e.g. float16, whose casts could round differently) take the torch ops.
+_HOST_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """Where the indices of one CPU batch repeat: a by-product of ``SampleStateTable.update`` that other
+    per-row writes of the same batch reuse instead of sorting it again (``scatter_ema_(..., repeats=)``).
+
+    The entries cover every row that occurs more than once (they may also cover rows that occur once: the
+    merges treat those exactly like the no-repeat case). All are ``(D,)`` int64 numpy arrays (CPU only),
+    ``None`` when no index repeats.
+
+    Attributes:
+        size: B, the length of the index it describes.
+        positions: batch positions, grouped by row (rows ascending) and in batch order within a row.
+        group: for each entry, the entry at which its row's group starts (a group id in ``[0, D)``).
+        count: for each entry, how often its row occurs in the batch.
+        later: for each entry, how many occurrences of its row follow it in the batch (``count − 1`` for the
+            first, 0 for the last).
+    """
+
+    size: int
+    positions: np.ndarray | None = None
+    group: np.ndarray | None = None
+    count: np.ndarray | None = None
+    later: np.ndarray | None = None
+
+    @staticmethod
+    def from_sorted(size: int, sorted_rows: np.ndarray, positions: np.ndarray,
+                    count: np.ndarray | None = None) -> Repeats:
+        """The groups of ``positions`` (batch positions ordered by row, batch order within a row), whose rows
+        are ``sorted_rows`` (ascending), found by binary search; ``count``: each entry's multiplicity, if
+        known."""
+        start = sorted_rows.searchsorted(sorted_rows)
+        end = sorted_rows.searchsorted(sorted_rows, side="right") if count is None else start + count
+        later = end - np.arange(1, positions.size + 1)
+        return Repeats(size, positions, start, end - start if count is None else count, later)
+
+    @staticmethod
+    def of(index: Tensor | np.ndarray) -> Repeats:
+        """The repeats of a 1-D CPU index, found with one stable sort (no table needed)."""
+        ix = index.numpy() if isinstance(index, Tensor) else index
+        order = ix.argsort(kind="stable")
+        sorted_rows = ix[order]
+        if not (sorted_rows[1:] == sorted_rows[:-1]).any():
+            return Repeats(ix.size)
+        return Repeats.from_sorted(ix.size, sorted_rows, order)
+
+    def merge(self, val: np.ndarray) -> np.ndarray:
+        """``val`` (a copy) with every repeated sample's entries replaced by the mean of its values (float64
+        sum in batch order, then ``val``'s dtype); a sample seen once keeps its value exactly."""
+        sums = np.bincount(self.group, weights=val[self.positions].astype(np.float64), minlength=self.positions.size)
+        out = val.copy()
+        out[self.positions] = (sums[self.group] / self.count).astype(val.dtype)
+        return out
+
+    def merge_tensor(self, val: Tensor) -> Tensor:
+        """``merge`` with torch ops, for dtypes numpy does not cast like torch (float16, bfloat16)."""
+        positions, group = torch.from_numpy(self.positions), torch.from_numpy(self.group)
+        sums = torch.zeros(positions.numel(), dtype=torch.float64)
+        sums.index_add_(0, group, val.index_select(0, positions).double())
+        mean = (sums.index_select(0, group) / torch.from_numpy(self.count)).to(val.dtype)
+        return val.index_copy(0, positions, mean)
 
 
 def _same_spec(a: Column, b: Column) -> bool:
@@ -201,7 +272,7 @@ class SampleStateTable:
                 )
         return index
 
-    def update(self, index: Tensor, check: bool = True, **values: Tensor) -> None:
+    def update(self, index: Tensor, check: bool = True, **values: Tensor) -> Repeats | None:
         """Vectorised update of the rows ``index`` (``count`` always advances; other columns as given).
 
         Args:
@@ -209,6 +280,10 @@ class SampleStateTable:
             check: validate the index range first (``reduce_loss`` checks it once per step and passes
                 ``False``; an unchecked out-of-range index raises inside the scatter or, on a GPU, asserts).
             **values: ``(B,)`` values per column.
+
+        Returns:
+            On the CPU, where the batch's indices repeat (``Repeats``, for another per-row write of the same
+            batch); ``None`` for a table on a GPU (the fixed-shape merge) or an empty batch.
         """
         if check:
             index = self.check_index(index)
@@ -216,23 +291,20 @@ class SampleStateTable:
             index = index.reshape(-1).to(self.device, torch.int64)
         b = index.numel()
         if b == 0:
-            return
+            return None
         for name, val in values.items():
             if name not in self.columns:
                 raise KeyError(f"Unknown column {name!r}; declare it with `add_column`. Columns: {sorted(self.columns)}.")
-            if val.reshape(-1).numel() != b:
+            if val.numel() != b:
                 raise ValueError(
                     f"Expected {b} values for column {name!r} (one per index), but got {val.numel()}."
                 )
-        counted = False
         if self.device.type == "cpu" and not self._fixed_shape_only:
-            unique, counted = self._count_unique(index)
-            if unique:
-                self._write_unique(index, values)
-            else:  # on the CPU the merge may size its output from the data (no sync to avoid)
-                rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
-                self._write_unique(rows, values, inverse, counts)
-            return
+            ix = index.numpy()
+            repeats = self._count_repeats(index, ix)
+            self._write_cpu(index, ix, values, repeats)
+            return repeats
+        counted = False
         # fixed-shape duplicate merge (no torch.unique: its output size would need a host sync on a GPU)
         sorted_index, perm = torch.sort(index)
         left = torch.searchsorted(sorted_index, sorted_index)
@@ -263,52 +335,79 @@ class SampleStateTable:
             if spec.kind == "count" and not counted:
                 col = self.columns[name]
                 col.index_add_(0, index, torch.ones(b, dtype=col.dtype, device=col.device))
+        return None
 
-    def _count_unique(self, index: Tensor) -> tuple[bool, bool]:
-        """CPU fast path, step 1: whether no index of the batch repeats (the common case), and whether the
-        ``count`` columns were advanced already.
+    def _count_repeats(self, index: Tensor, ix: np.ndarray) -> Repeats:
+        """CPU path, step 1: advance the ``count`` columns and find where the batch's indices repeat.
 
-        The check is nearly free: the ``count`` column advances first and the rows' increments are read back
-        (a host read, cheap on the CPU); without a count column the sorted indices are compared.
+        No sort of the whole batch: the first (integer) ``count`` column advances and each row's increment
+        (its multiplicity in the batch) is read back; only the positions of repeated rows (few, for draws
+        with replacement from a large data set) are sorted. Without an integer count column the batch is
+        sorted once. An index outside ``[0, N)`` raises ``IndexError`` before anything is written (the first
+        read is torch's bounds-checked ``index_select``: numpy would wrap a negative index).
         """
-        counts = [name for name, spec in self.specs.items() if spec.kind == "count"]
-        if not counts:
-            ordered = torch.sort(index).values
-            return not bool((ordered[1:] == ordered[:-1]).any()), False
-        col = self.columns[counts[0]]
-        before = col.index_select(0, index)  # (index_select / index_copy_: cheaper than [] on the CPU)
-        col.index_add_(0, index, torch.ones(index.numel(), dtype=col.dtype))
-        unique = torch.equal(col.index_select(0, index), before + 1)  # a repeated row advanced by more
-        for name in counts[1:]:
-            other = self.columns[name]
-            other.index_add_(0, index, torch.ones(index.numel(), dtype=other.dtype))
-        return unique, True
+        counts = [self.columns[name] for name, spec in self.specs.items() if spec.kind == "count"]
+        first = counts[0] if counts else None
+        if first is None or first.is_floating_point() or first.dtype == torch.bool:
+            if ix.size and (ix.min() < 0 or ix.max() >= self.num_samples):
+                raise IndexError(f"Expected sample indices in [0, {self.num_samples}), but got range "
+                                 f"[{ix.min()}, {ix.max()}].")
+            for col in counts:  # a float count may stop counting exactly: find the repeats by sorting
+                col.index_add_(0, index, torch.ones(ix.size, dtype=col.dtype))
+            return Repeats.of(ix)
+        before = first.index_select(0, index).numpy()
+        count = first.numpy()
+        np.add.at(count, ix, 1)
+        for col in counts[1:]:
+            col.index_add_(0, index, torch.ones(ix.size, dtype=col.dtype))
+        multiplicity = count[ix] - before
+        positions = (multiplicity > 1).nonzero()[0]  # a repeated row advanced by more than one
+        if positions.size == 0:  # no index repeats (always so when drawing without replacement)
+            return Repeats(ix.size)
+        rows = ix[positions]
+        order = rows.argsort(kind="stable")
+        positions = positions[order]
+        return Repeats.from_sorted(ix.size, rows[order], positions, multiplicity[positions].astype(np.int64, copy=False))
 
-    def _write_unique(self, index: Tensor, values: dict[str, Tensor], inverse: Tensor | None = None,
-                      counts: Tensor | None = None) -> None:
-        """CPU fast path, step 2: write every column at the distinct rows ``index``. Without ``inverse`` no
-        index repeats and the values are written directly; with it (``torch.unique``'s inverse and counts)
-        repeated samples first take the mean of their values (float64), and ``sum`` / ``max`` columns
-        accumulate over the repeats. A sample seen once keeps its value exactly either way."""
-        for name, val in values.items():
+    def _write_cpu(self, index: Tensor, ix: np.ndarray, values: dict[str, Tensor], repeats: Repeats) -> None:
+        """CPU path, step 2: write every column at the rows ``index``. Repeated samples first take the mean of
+        their values (every copy of a row then writes the same value), and ``sum`` / ``max`` columns
+        accumulate over the repeats. A sample seen once keeps its value exactly either way; columns given the
+        same tensor share one merge. Float32/float64 columns are written through numpy views."""
+        merged: dict[tuple[int, torch.dtype], Any] = {}
+        for name, source in values.items():
             spec, col = self.specs[name], self.columns[name]
-            if spec.kind == "count":
+            kind = spec.kind
+            if kind == "count":
                 continue
-            val = val.detach().reshape(-1)
-            if val.dtype != col.dtype or val.device != col.device:
-                val = val.to(col.device, col.dtype if col.is_floating_point() else torch.float32).to(col.dtype)
-            if spec.kind == "sum":
-                col.index_add_(0, index if inverse is None else index[inverse], val)
-                continue
-            if spec.kind == "max":
-                col.scatter_reduce_(0, index if inverse is None else index[inverse], val, "amax", include_self=True)
-                continue
-            if inverse is not None:
-                sums = torch.zeros(index.numel(), dtype=torch.float64).index_add_(0, inverse, val.double())
-                val = (sums / counts).to(val.dtype)
-            if spec.kind == "last":
+            key = (id(source), col.dtype)
+            val = merged.get(key) if kind in ("last", "ema") else None
+            if val is None:
+                val = source.detach().reshape(-1)
+                if val.dtype != col.dtype or val.device != col.device:
+                    val = val.to(col.device, col.dtype if col.is_floating_point() else torch.float32).to(col.dtype)
+                if kind == "sum":
+                    col.index_add_(0, index, val)
+                    continue
+                if kind == "max":
+                    col.scatter_reduce_(0, index, val, "amax", include_self=True)
+                    continue
+                if col.dtype in _HOST_DTYPES:
+                    val = val.numpy() if repeats.positions is None else repeats.merge(val.numpy())
+                elif repeats.positions is not None:
+                    val = repeats.merge_tensor(val)
+                merged[key] = val
+            if isinstance(val, np.ndarray):
+                target = col.numpy()
+                if kind == "last":
+                    target[ix] = val
+                else:  # ema; NaN (never seen) entries take the first value. torch's lerp, bit for bit
+                    old = target[ix]
+                    step = torch.lerp(torch.from_numpy(old), torch.from_numpy(val), 1 - spec.decay).numpy()
+                    target[ix] = np.where(np.isnan(old), val, step)
+            elif kind == "last":
                 col.index_copy_(0, index, val)
-            else:  # ema; NaN (never seen) entries take the first value
+            else:
                 old = col.index_select(0, index)
                 col.index_copy_(0, index, torch.where(torch.isnan(old), val, torch.lerp(old, val, 1 - spec.decay)))
 
