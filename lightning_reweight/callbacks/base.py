@@ -204,9 +204,12 @@ class WeightingCallback(Callback):
         """Commit the step: called with the final combined weights (the ones training used) once every
         callback's proposal and the combination were accepted. The only place where state changes; must not
         raise. The default records the batch in the table and keeps this callback's own weights
-        (``last_weights``) for logging."""
+        (``last_weights``) for logging. ``self._repeats`` keeps where the batch's indices repeat (the table
+        update's by-product on the CPU, else ``None``) for a subclass's own per-row writes of the same batch."""
+        self._repeats = None
         if self.table is not None:
-            self.table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights)
+            self._repeats = self.table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses,
+                                              weight=weights)
         self._last = None if self.last_weights is None else (batch, self.last_weights)
 
     def log_extras(self) -> dict[str, float]:

@@ -221,11 +221,10 @@ class ImportanceSampling(WeightingCallback):
     @override
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
                             pl_module: pl.LightningModule) -> None:
+        super().on_weights_computed(batch, weights, trainer, pl_module)
         table = self.table
-        # WeightingCallback's commit (record the batch, keep the weights for logging), keeping where the indices
-        # repeat (draws with replacement): the score update below reuses it instead of sorting the batch again
-        repeats = table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights)
-        self._last = None if self.last_weights is None else (batch, self.last_weights)
+        # the table update found where the indices repeat (draws with replacement): the score update reuses it
+        repeats = self._repeats
         # O(batch): only the batch's rows of ``is_score`` / ``is_seen`` are read and written
         scatter_ema_(table.columns["is_score"], table.columns["is_seen"], batch.index, self._scores(batch),
                      self.smoothing, repeats=repeats)

@@ -191,7 +191,7 @@ def _scatter_ema_fixed(values: Tensor, seen: Tensor, idx_s: Tensor, new_s: Tenso
     old = values[idx_s].to(torch.float64)
     old_term = torch.where(was_seen, torch.pow(torch.full_like(old, keep), m.to(old.dtype)) * old, 0.0)
     values[idx_s] = (old_term + contrib).to(values.dtype)
-    seen[idx_s] = True
+    seen.index_fill_(0, idx_s, True)  # not `seen[idx_s] = True`: that copies a host scalar (a sync on CUDA)
 
 
 def mixing_coefficient(epoch: int, ramp_epochs: int | None, floor: float = 0.0) -> float:

@@ -38,6 +38,7 @@ FACTORIES = {
     "group_dro": lambda **kw: GroupDRO(num_groups=G, **kw),
     "fair_error_bound_scaling": lambda **kw: FairErrorBoundScaling(num_groups=G, **kw),
     "group_balancing_upweight": lambda **kw: GroupBalancing(mode="upweight", tau=1e9, **kw),
+    "group_balancing_upsample": lambda **kw: GroupBalancing(mode="upsample", tau=1e9, **kw),
     "importance_sampling": lambda **kw: ImportanceSampling(score="loss", **kw),
     "adawac": lambda **kw: AdaWAC(eta=2.0, num_samples=N, **kw),
 }
@@ -81,9 +82,30 @@ def test_step_on_a_device_makes_no_host_read(name, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
     monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
     x, index = torch.randn(B, 4, device="meta"), torch.arange(B, device="meta")
-    for _ in range(2):  # the first step allocates the state on the device, the second reuses it
-        loss = _step(module, "meta", index, x)
-        assert loss.device.type == "meta" and loss.shape == ()
+    loss = _step(module, "meta", index, x)  # the first step allocates the state on the device
+    assert loss.device.type == "meta" and loss.shape == ()
+    # the second reuses it: no host-to-device copy either (from pageable memory a copy synchronises on CUDA),
+    # neither an explicit `.to(device)` of a CPU tensor nor a Python scalar / CPU tensor assigned into
+    # device memory (`t[idx] = True` copies a CPU scalar; `index_fill_` or a device tensor does not)
+    to, setitem = torch.Tensor.to, torch.Tensor.__setitem__
+
+    def no_upload(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            raise AssertionError("a host-to-device copy on the device path")
+        return out
+
+    def no_scalar_store(self, key, value):
+        if self.device.type != "cpu" and (not isinstance(value, torch.Tensor) or value.device.type == "cpu"):
+            raise AssertionError(f"a host value ({type(value).__name__}) stored into device memory")
+        return setitem(self, key, value)
+
+    monkeypatch.setattr(torch.Tensor, "to", no_upload)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", no_scalar_store)
+    loss = _step(module, "meta", index, x)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
+    assert loss.device.type == "meta" and loss.shape == ()
     assert reads == []
     assert len(cb._deferred) >= 2  # the checks were deferred (the contract, and the callback's own), not read
     if cb.table is not None:
