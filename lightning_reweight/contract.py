@@ -260,7 +260,9 @@ def reduce_loss(
     if transformed:
         (batch.losses,), _ = gather_rows([local_losses.detach()], sizes)
         batch.losses = batch.losses.to(device, torch.float32)
-        if sync and not _host([torch.isfinite(batch.losses).all()])[0]:  # checked globally: every rank raises
+        # checked globally: every rank raises (on the CPU a finite sum means finite losses, as for the inputs)
+        if sync and not ((host and math.isfinite(batch.losses.sum().item()))
+                         or _host([torch.isfinite(batch.losses).all()])[0]):
             check_losses(local_losses)
             raise ValueError("Expected finite transformed per-sample losses on every rank, but another rank has "
                              "NaN/inf; no weight or state was updated.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from typing_extensions import override
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.callbacks.logging import log_histogram, log_scalars, log_weight_stats
 from lightning_reweight.rules.adawac import adawac_update, check_eta
+from lightning_reweight.rules.instance import host_kernels
 from lightning_reweight.state.table import Column
 from lightning_reweight.state.validate import CheckpointStateError, as_tensor, require_keys
 
@@ -95,7 +97,7 @@ class AdaWAC(WeightingCallback):
         self.consistency_key = consistency_key
         self.sparse_key = sparse_key
         self._parts: tuple[Tensor, Tensor] | None = None
-        self._pending: tuple[GlobalBatch, Tensor, Tensor, Tensor] | None = None
+        self._pending: tuple[GlobalBatch, Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ table
     @override
@@ -134,7 +136,8 @@ class AdaWAC(WeightingCallback):
             )
         if not self.host_checks(batch):  # a GPU step without host reads: checked at the end of the epoch
             self.defer_check(torch.isfinite(cons).all())
-        elif not bool(torch.isfinite(cons).all()):
+        elif not (math.isfinite(cons.sum().item()) or bool(torch.isfinite(cons).all())):
+            # (a finite sum means finite values; an overflowing sum of finite values falls to the exact check)
             raise ValueError(f"Expected a finite `{self.consistency_key}` loss, but got NaN or inf; no state was updated.")
 
     @override
@@ -147,16 +150,31 @@ class AdaWAC(WeightingCallback):
                 f"{tuple(getattr(cons_local, 'shape', ()))}."
             )
         # pure: the new β rows are committed in ``on_weights_computed`` once every callback's weights were accepted
-        table = self.table
         loss_sup, loss_cons = batch.losses, batch.extras[self.consistency_key].float()
-        rows, new_sup, new_cons, inverse = adawac_update(table["beta_sup"], table["beta_cons"], batch.index,
-                                                         loss_sup, loss_cons, self.eta, return_inverse=True)
-        self._pending = (batch, rows, new_sup, new_cons)
+        new_sup, new_cons = self._step(batch.index, loss_sup, loss_cons)
+        self._pending = (batch, new_sup, new_cons)
         self._parts = (loss_sup, loss_cons)  # detached global copies already; nothing mutates them
-        pos = inverse[batch.local]  # the batch's β after the step, in batch order
-        b_sup = new_sup[pos].to(losses.device, losses.dtype)
-        b_cons = new_cons[pos].to(losses.device, losses.dtype)
+        b_sup = new_sup[batch.local].to(losses.device, losses.dtype)
+        b_cons = new_cons[batch.local].to(losses.device, losses.dtype)
         return b_sup * losses + b_cons * cons_local.to(losses.dtype)
+
+    def _step(self, index: Tensor, loss_sup: Tensor, loss_cons: Tensor) -> tuple[Tensor, Tensor]:
+        """The global batch's ``(β_sup, β_cons)`` after the mirror step, per batch position (a repeated sample
+        carries the same new β at each of its positions); reads the table, changes nothing."""
+        sup_col, cons_col = self.table["beta_sup"], self.table["beta_cons"]
+        kernels = host_kernels() if index.device.type == "cpu" and sup_col.device.type == "cpu" else None
+        if (kernels is not None and sup_col.dtype == cons_col.dtype == torch.float32
+                and loss_sup.dtype == loss_cons.dtype == torch.float32):
+            # one compiled call (``rules._kernels.adawac_step``): the ops of ``adawac_update``, per position
+            new_sup, new_cons = torch.empty_like(loss_sup), torch.empty_like(loss_sup)
+            kernels.adawac_step(sup_col.numpy(), cons_col.numpy(), index.numpy(), loss_sup.numpy(),
+                                loss_cons.numpy(), self.eta, new_sup.numpy(), new_cons.numpy())
+            return new_sup, new_cons
+        rows, new_sup, new_cons, inverse = adawac_update(sup_col, cons_col, index, loss_sup, loss_cons, self.eta,
+                                                         return_inverse=True)
+        if index.device.type != "cpu":  # the fixed-shape (device) update: already one value per position
+            return new_sup, new_cons
+        return new_sup[inverse], new_cons[inverse]
 
     @override
     def on_weights_computed(self, batch: GlobalBatch, weights: Tensor, trainer: pl.Trainer,
@@ -164,16 +182,21 @@ class AdaWAC(WeightingCallback):
         pending, self._pending = self._pending, None
         if pending is None:  # (cleared in validate_batch: never a previous, rejected step's)
             return
-        _, rows, new_sup, new_cons = pending
+        _, new_sup, new_cons = pending
         table = self.table
-        table["beta_sup"][rows] = new_sup
-        table["beta_cons"][rows] = new_cons
         sparse = batch.extras.get(self.sparse_key)
         if sparse is not None and sparse.shape == batch.index.shape:
             table["sparse"][batch.index] = sparse.float()
         extra = {}
         if self._parts is not None:
             extra = {"loss_sup": self._parts[0], "loss_cons": self._parts[1]}
+        if table.device.type == "cpu":
+            # one table update for every column: on the CPU a repeated sample's identical β values merge to
+            # exactly that value (their float64 mean), so this equals writing the distinct rows
+            extra.update(beta_sup=new_sup, beta_cons=new_cons)
+        else:  # the fixed-shape merge averages repeats through prefix sums: write the (identical) values directly
+            table["beta_sup"][batch.index] = new_sup
+            table["beta_cons"][batch.index] = new_cons
         table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights, **extra)
         self._last = (batch, weights)
 

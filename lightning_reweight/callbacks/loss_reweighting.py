@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.rules import RULES, Rule, clip_weights, create_rule, effective_sample_size
+from lightning_reweight.rules.instance import host_kernels
 from lightning_reweight.rules.registry import rule_arguments
 from lightning_reweight.state.validate import CheckpointStateError, as_int
 
@@ -52,6 +53,16 @@ def resolve_rule_arguments(rule: str, given: dict[str, Any]) -> tuple[dict[str, 
             "null) in the config."
         )
     return kwargs, ignored
+
+
+def _weight_mass(weights: Tensor) -> tuple[float, float]:
+    """``(Σw, Σw²)`` of CPU weights as Python floats, accumulated in float64 (one compiled call with numba)."""
+    kernels = host_kernels()
+    if kernels is not None and weights.dtype in (torch.float32, torch.float64):
+        total, square = kernels.weight_mass(weights.detach().numpy())
+        return float(total), float(square)
+    w = weights.detach().double()
+    return w.sum().item(), w.dot(w).item()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -195,8 +206,8 @@ class LossReweighting(WeightingCallback):
         weights = clip_weights(weights, self.max_weight, renormalize=self.rule.normalized)
         ess, collapsed = None, False
         if self.min_ess_frac > 0:
-            if weights.device.type == "cpu":  # two cheap reads (Kish's ESS on mean-1 weights: float32 suffices)
-                total, square = weights.sum().item(), weights.dot(weights).item()
+            if weights.device.type == "cpu":  # host floats: Σw and Σw² in float64, as ``effective_sample_size``
+                total, square = _weight_mass(weights)
                 ess = total * total / max(square, 1e-300)
                 ess = min(ess, total) if not self.rule.normalized else ess
                 collapsed = ess < self.min_ess_frac * len(batch)

@@ -25,7 +25,7 @@ fall as the loss rises below the mid-range and stay flat above it; for the symme
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -186,3 +186,25 @@ def effective_sample_size(weights: Tensor, unit_mass: bool = False) -> Tensor:
     if unit_mass:
         ess = torch.minimum(ess, total)
     return ess.float()
+
+
+# Use the compiled numba kernels (``_kernels``) for the CPU steps of the KL-DRO EMA normaliser, AdaWAC and the
+# ESS of a CPU batch when numba is importable; False forces the vectorised numpy/torch paths.
+USE_NUMBA = True
+_KERNELS: Any = None  # the imported ``_kernels`` module, False if numba is missing, None before the first try
+
+
+def host_kernels() -> Any:
+    """The ``rules._kernels`` module, imported on first use (numba's import costs ~0.3 s), or None when numba is
+    missing or ``USE_NUMBA`` is False."""
+    global _KERNELS
+    if not USE_NUMBA:
+        return None
+    if _KERNELS is None:
+        try:
+            from lightning_reweight.rules import _kernels
+        except Exception:  # numba missing or broken (e.g. built for another numpy): the vectorised path
+            _KERNELS = False
+        else:
+            _KERNELS = _kernels
+    return _KERNELS or None

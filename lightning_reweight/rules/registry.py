@@ -16,6 +16,7 @@ from lightning_reweight.rules.instance import (
     Direction,
     _tilt,
     check_losses,
+    host_kernels,
     kl_dro_weights,
     log_mean_exp,
     loss_based_weights,
@@ -166,26 +167,64 @@ class KLDRORule(Rule):
             losses = check_losses(losses)
         if self.normalizer == "batch":
             return kl_dro_weights(losses, self.r, self.direction), None
+        if losses.device.type == "cpu":
+            return self._propose_ema_host(losses)
+        # tensor ops only (no host synchronisation): ``log_z`` stays a 0-d tensor
         z = _tilt(losses, self.r, self.direction)
         if self._log_z is not None and self.outlier_cap is not None:
             z = z.clamp(max=self._log_z + math.log(self.outlier_cap))
-        if z.device.type != "cpu":  # tensor ops only (no host synchronisation): ``log_z`` stays a 0-d tensor
-            batch_z = log_mean_exp(z)
-            if self._log_z is None or self.ema_rate == 1:
-                log_z_t = batch_z
-            else:
-                a = self.ema_rate
-                prev = torch.as_tensor(self._log_z, dtype=torch.float64).to(z.device) \
-                    if not isinstance(self._log_z, Tensor) else self._log_z
-                log_z_t = torch.logaddexp(math.log1p(-a) + prev, math.log(a) + batch_z)
-            return torch.exp(z - log_z_t).to(losses.dtype), log_z_t
-        batch_log_z = float(log_mean_exp(z))
+        batch_z = log_mean_exp(z)
         if self._log_z is None or self.ema_rate == 1:
+            log_z_t = batch_z
+        else:
+            a = self.ema_rate
+            prev = torch.as_tensor(self._log_z, dtype=torch.float64).to(z.device) \
+                if not isinstance(self._log_z, Tensor) else self._log_z
+            log_z_t = torch.logaddexp(math.log1p(-a) + prev, math.log(a) + batch_z)
+        return torch.exp(z - log_z_t).to(losses.dtype), log_z_t
+
+    def _propose_ema_host(self, losses: Tensor) -> tuple[Tensor, float]:
+        """The EMA step of a CPU batch, in float64 numpy (numpy's per-call overhead is a fraction of torch's).
+
+        The log-space computation of the tensor path with one exp pass: with the batch's tilt ``z`` (capped as
+        there) and a shift ``c``, ``e = exp(z − c)``, ``log Z_batch = c + log Σe − log n`` and ``w = e ·
+        exp(c − log Z)``. The shift is the previous ``log Z`` when the cap bounds ``e`` by ``outlier_cap``
+        and ``a < 1`` (a batch whose every ``e`` underflows then adds less than float64 resolution to ``Z``),
+        else the batch's max (the first step, ``outlier_cap=None``, ``ema_rate=1``): nothing overflows.
+        Equal to ``exp(z − log Z)`` up to float64 rounding (a few units in the last place, relative to
+        ``|z|``), so the float32 weights agree with it to a float32 rounding step (nearly always exactly).
+        """
+        x = losses.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        divisor = self.r if self.direction == "up" else -self.r  # ℓ/(−r) is exactly −(ℓ/r)
+        prev = None if self._log_z is None else float(self._log_z)
+        a, cap = self.ema_rate, self.outlier_cap
+        clamp = prev is not None and cap is not None
+        limit = prev + math.log(cap) if clamp else 0.0
+        shift_prev = clamp and a < 1
+        kernels = host_kernels()
+        if kernels is not None:  # the same steps in one compiled call (see ``rules._kernels``)
+            out = torch.empty(x.shape[0], dtype=x.dtype)
+            log_z = kernels.kl_dro_ema_step(x.numpy(), divisor, 0.0 if prev is None else prev, prev is not None,
+                                            limit, clamp, shift_prev, a, out.numpy())
+            return (out if out.dtype == losses.dtype else out.to(losses.dtype)), float(log_z)
+        # ±ℓ/r in float64: the values of ``_tilt`` (an exact conversion, one correctly rounded division)
+        z = np.divide(x.numpy(), divisor, dtype=np.float64)
+        if clamp:
+            np.minimum(z, limit, out=z)
+        shift = prev if shift_prev else float(z.max())
+        z -= shift
+        np.exp(z, out=z)
+        total = float(z.sum())
+        batch_log_z = shift + math.log(total) - math.log(z.size) if total > 0 else -math.inf
+        if prev is None or a == 1:
             log_z = batch_log_z
         else:  # log((1 - a)·Z + a·Z_batch), computed in log space
-            a = self.ema_rate
-            log_z = float(np.logaddexp(math.log1p(-a) + float(self._log_z), math.log(a) + batch_log_z))
-        return torch.exp(z - log_z).to(losses.dtype), log_z
+            log_z = float(np.logaddexp(math.log1p(-a) + prev, math.log(a) + batch_log_z))
+        z *= math.exp(shift - log_z)
+        weights = torch.from_numpy(z if losses.dtype == torch.float64 else z.astype(np.float32))
+        return (weights if weights.dtype == losses.dtype else weights.to(losses.dtype)), log_z
 
     def commit(self, pending: Any) -> None:
         if pending is not None:  # a 0-d tensor from a GPU step stays there (read at logging / checkpointing)

@@ -238,3 +238,29 @@ def test_bad_checkpointed_betas_are_refused(tmp_path, column, value, match):
     del state["table"]["columns"]["beta_cons"]
     with pytest.raises(CheckpointStateError, match="missing key"):
         AdaWAC().load_state_dict(state)
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_compiled_step_equals_the_torch_step_in_training(tmp_path, monkeypatch, replacement):
+    """The compiled CPU step (numba) and the torch step (``USE_NUMBA = False``) train to the same tables (to a
+    float32 rounding step), repeated samples in a batch included; every β row equals the replayed update."""
+    from torch.utils.data import RandomSampler
+
+    from lightning_reweight.rules import instance
+
+    tables = {}
+    for use in (True, False):
+        monkeypatch.setattr(instance, "USE_NUMBA", use)
+        cb = AdaWAC(eta=3.0, log_every_n_steps=0)
+        model = TinyPair()
+        sampler = RandomSampler(data(), replacement=replacement, num_samples=30,
+                                generator=torch.Generator().manual_seed(0))
+        trainer(cb, tmp_path / str(use), max_epochs=2).fit(model, DataLoader(data(), batch_size=10, sampler=sampler))
+        if replacement:
+            assert any(r["index"].unique().numel() < r["index"].numel() for r in model.records)
+        s, c = replay(model.records, 3.0)
+        torch.testing.assert_close(cb.table["beta_sup"], s, rtol=2.5e-7, atol=1e-30)
+        torch.testing.assert_close(cb.table["beta_cons"], c, rtol=2.5e-7, atol=1e-30)
+        tables[use] = {k: v.clone() for k, v in cb.table.columns.items()}
+    for name in ("beta_sup", "beta_cons", "loss", "loss_sup", "loss_cons", "ema_loss", "weight", "count"):
+        torch.testing.assert_close(tables[True][name], tables[False][name], rtol=2.5e-7, atol=1e-30, equal_nan=True)

@@ -173,3 +173,25 @@ def test_kl_dro_state_with_a_missing_key_is_named():
     assert err.value.key == "log_z" and rule.log_normalizer is None
     rule.load_state_dict({})  # nothing saved yet: starts fresh
     assert rule.log_normalizer is None
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_cpu_ess_is_the_float64_kish_ess(monkeypatch, use_numba):
+    """The CPU ESS (Σw, Σw² as host floats: one compiled call, or float64 torch) equals
+    ``effective_sample_size`` (float64) and drives the collapse warning on either path."""
+    from lightning_reweight.callbacks.loss_reweighting import _weight_mass
+    from lightning_reweight.rules import effective_sample_size, instance
+
+    monkeypatch.setattr(instance, "USE_NUMBA", use_numba)
+    w = torch.rand(1000) * 10 ** torch.randint(-3, 3, (1000,)).float()
+    total, square = _weight_mass(w)
+    assert total == pytest.approx(float(w.double().sum()), rel=1e-12)
+    assert square == pytest.approx(float(w.double().square().sum()), rel=1e-12)
+    assert total * total / square == pytest.approx(float(effective_sample_size(w)), rel=1e-6)
+    cb = LossReweighting("kl_dro", normalizer="ema", track_samples=False)
+    _step(cb, torch.rand(32))
+    spike = torch.rand(32)
+    spike[0] = 60.0
+    with pytest.warns(UserWarning, match="effective sample size fell"):
+        _step(cb, spike, step=1)
+    assert cb.ess_collapsed_steps == 1 and cb.last_ess < 0.1 * 32
