@@ -248,7 +248,7 @@ class GroupBalancing(WeightingCallback):
         tau = self.tau(trainer)
         device = batch.index.device
         if device.type == "cpu":
-            return self.group_weights(tau)[self.groups[batch.index]].float()
+            return self.group_weights(tau).index_select(0, self.groups.index_select(0, batch.index)).float()
         # a GPU batch: the group ids and the per-tau weights move there once (and again when tau changes)
         groups = self._groups_on(device)
         if self._device_cache is None or self._device_cache[0] != (tau, device):

@@ -137,7 +137,7 @@ class FairErrorBoundScaling(GroupCallback):
         # multipliers ∝ 1/w_g, mean 1 over the grouped samples; ignore_index samples (extra bucket) keep 1
         inv = 1.0 / np.maximum(scales, self.min_scale)
         inv *= counts.sum() / (inv * counts).sum()
-        return torch.from_numpy(np.append(inv, 1.0).astype(np.float32))[idx]
+        return torch.from_numpy(np.append(inv, 1.0).astype(np.float32)).index_select(0, idx)
 
     def _device_weights(self, batch: GlobalBatch, idx: Tensor, bucket_counts: Tensor) -> Tensor:
         """``compute_weights`` as tensor ops on the batch's device (no host read). A batch without a known

@@ -155,7 +155,7 @@ class GroupDRO(GroupCallback):
         q = group_dro_update(self.q.cpu().numpy(), group_loss, self.step_size, self._adj_np)  # update, then the loss
         self._pending = (batch, q, group_loss, counts)
         per_group = np.append(q * len(batch) / np.maximum(counts, 1), 0.0).astype(np.float32)
-        return torch.from_numpy(per_group)[idx]  # ignore_index samples (extra bucket): 0
+        return torch.from_numpy(per_group).index_select(0, idx)  # ignore_index samples (extra bucket): 0
 
     def _device_weights(self, batch: GlobalBatch, idx: Tensor, bucket_counts: Tensor) -> Tensor:
         """``compute_weights`` as tensor ops on the batch's device (no host read); ``q`` moves there once."""

@@ -238,7 +238,7 @@ class ImportanceSampling(WeightingCallback):
                 self._draws = self._draws.to(counts.device)
             self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
         elif self._num_classes:  # empirical class frequency of the draws
-            counts = torch.bincount(self._targets[batch.index], minlength=self._num_classes).double()
+            counts = torch.bincount(self._targets.index_select(0, batch.index), minlength=self._num_classes).double()
             self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
 
     # ------------------------------------------------------------------ refresh
