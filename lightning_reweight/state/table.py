@@ -9,7 +9,9 @@ deterministically: ``"last"``/``"ema"`` columns take the mean of that sample's v
 The merge uses only fixed-shape ops (sort, searchsorted, cumsum, scatter), so an update of a table on a GPU
 issues no host synchronisation. On the CPU the repeats are found without sorting the batch (from the ``count``
 column's increments; only the repeated positions are sorted), and ``update`` returns them (``Repeats``) so
-that another per-row write of the same batch (``rules.importance.scatter_ema_``) need not find them again.
+that another per-row write of the same batch (``rules.importance.scatter_ema_``) need not find them again. With
+numba (``USE_NUMBA``) a CPU update of float32/float64 value columns and int32/int64 count columns is one compiled
+call (``state._kernels.table_update``) with the same results bit for bit; other dtypes take numpy/torch ops.
 
 Checkpoints hold the live columns (no copy) and a restore takes ownership of the loaded tensors after
 validating them (``SampleStateTable.validate_state``): see ``state_dict`` / ``load_state_dict``.
@@ -119,6 +121,52 @@ class Repeats:
         return val.index_copy(0, positions, mean)
 
 
+# Use the compiled numba kernel (``state._kernels.table_update``) for CPU updates when numba is importable; False
+# forces the numpy/torch path (the same tables and ``Repeats``, bit for bit).
+USE_NUMBA = True
+_KERNELS: Any = None  # the imported ``_kernels`` module, False if numba is missing, None before the first try
+#: whether this torch build's CPU ``lerp`` rounds once (fused multiply-add, as its vectorised kernel does), probed
+#: on the kernels' first import; None when neither formula matches it (EMA columns then take the torch path)
+_LERP_FUSED: bool | None = None
+_KIND_CODES = {"last": 0, "ema": 1, "sum": 2, "max": 3}  # ``_kernels.LAST`` ...
+_VALUE_CODES = {torch.float32: 0, torch.float64: 1}  # ``_kernels.F32``, ``F64``
+_COUNT_CODES = {torch.int32: 2, torch.int64: 3}  # ``_kernels.I32``, ``I64``
+
+
+def _numba_kernels() -> Any:
+    """The ``state._kernels`` module, imported on first use (numba's import costs ~0.3 s), or None when numba
+    is missing or ``USE_NUMBA`` is False."""
+    global _KERNELS, _LERP_FUSED
+    if not USE_NUMBA:
+        return None
+    if _KERNELS is None:
+        try:
+            from lightning_reweight.state import _kernels
+            _LERP_FUSED = _probe_lerp(_kernels)
+        except Exception:  # numba missing or broken (e.g. built for another numpy): the numpy/torch path
+            _KERNELS = False
+        else:
+            _KERNELS = _kernels
+    return _KERNELS or None
+
+
+def _probe_lerp(kernels: Any) -> bool | None:
+    """Which ``lerp`` formula torch's CPU kernel computes here, fused (one rounding) or not: compared with the
+    kernel's on random values of both float types and both branches (the two differ in ~10% of them), over a
+    length with a vectorised body and a scalar tail. None when neither matches every element."""
+    g = np.random.default_rng(0)
+    match = {True: True, False: True}
+    for dtype in (np.float32, np.float64):
+        old, new = (g.random(67) * 3).astype(dtype), (g.random(67) * 3).astype(dtype)
+        for w in (0.1, 0.3, 0.7):
+            expected = torch.lerp(torch.from_numpy(old), torch.from_numpy(new), w).numpy()
+            for fused in (True, False):
+                out = np.empty_like(old)
+                kernels.lerp_array(old, new, dtype(w), dtype(1), fused, out)
+                match[fused] = match[fused] and np.array_equal(out, expected)
+    return True if match[True] else False if match[False] else None
+
+
 def _same_spec(a: Column, b: Column) -> bool:
     """Spec equality that treats two NaN ``init`` values as equal."""
     same_init = a.init == b.init or (a.init != a.init and b.init != b.init)
@@ -215,6 +263,7 @@ class SampleStateTable:
             self.specs["ema_loss"] = Column("ema", float("nan"), decay=ema_decay)
         self.columns: dict[str, Tensor] = {}
         self._fixed_shape_only = False  # tests: take the device (sync-free) merge on the CPU too
+        self._plans: dict[tuple[str, ...], tuple] = {}  # the compiled update's column layouts (``_plan``)
         if _allocate:
             for name, spec in self.specs.items():
                 self._allocate(name, spec)
@@ -301,6 +350,9 @@ class SampleStateTable:
                 )
         if self.device.type == "cpu" and not self._fixed_shape_only:
             ix = index.numpy()
+            repeats = self._update_compiled(ix, values)
+            if repeats is not None:
+                return repeats
             repeats = self._count_repeats(index, ix)
             self._write_cpu(index, ix, values, repeats)
             return repeats
@@ -336,6 +388,76 @@ class SampleStateTable:
                 col = self.columns[name]
                 col.index_add_(0, index, torch.ones(b, dtype=col.dtype, device=col.device))
         return None
+
+    def _update_compiled(self, ix: np.ndarray, values: dict[str, Tensor]) -> Repeats | None:
+        """CPU path in one compiled call (``state._kernels.table_update``): the merges of ``_count_repeats`` and
+        ``_write_cpu`` and the same ``Repeats``, bit for bit, O(batch) work. ``None`` (nothing written) when
+        numba is missing or off (``USE_NUMBA``), or a column is not a contiguous float32/float64 value column or
+        int32/int64 count column: the caller then takes the numpy/torch path."""
+        kernels = _numba_kernels()
+        if kernels is None:
+            return None
+        names = tuple(values)
+        plan = self.__dict__.setdefault("_plans", {}).get(names)
+        if plan is None or len(plan[0]) != len(self.columns) or any(
+                self.columns[name] is not col for name, col in plan[0].items()):
+            plan = self._plan(names)
+            if plan is None:
+                return None
+        columns, meta, weight, count_names, value_names = plan
+        meta = list(meta)
+        at = 1 + 2 * meta[0]
+        alive = []  # converted copies of values, alive until the call returns
+        for c, name in enumerate(value_names):
+            col = columns[name]
+            meta[at + 4 * c] = col.data_ptr()
+            val = values[name]
+            if val.dtype != col.dtype or not val.is_cpu or val.dim() != 1 or not val.is_contiguous():
+                val = val.detach().reshape(-1).to("cpu", col.dtype).contiguous()
+                alive.append(val)
+            meta[at + 4 * c + 1] = val.data_ptr()  # (only read: no need to detach)
+        for c, name in enumerate(count_names):
+            meta[1 + 2 * c] = columns[name].data_ptr()
+        ix = np.ascontiguousarray(ix)
+        status, rep = kernels.table_update(ix, self.num_samples, np.array(meta, dtype=np.int64), weight,
+                                           bool(_LERP_FUSED))
+        if status < 0:
+            raise IndexError(f"Expected sample indices in [0, {self.num_samples}), but got range "
+                             f"[{ix.min()}, {ix.max()}].")
+        if status == 0:
+            return Repeats(ix.size)
+        return Repeats(ix.size, rep[0], rep[1], rep[2], rep[3])
+
+    def _plan(self, names: tuple[str, ...]) -> tuple | None:
+        """The compiled update's column layout for value columns ``names`` (cached per table, rebuilt when a
+        column tensor is replaced or added), or None when a column does not qualify."""
+        columns, meta, weight, count_names, value_names = {}, [0], [], [], []
+        for name, spec in self.specs.items():
+            if spec.kind == "count":
+                col = self.columns[name]
+                code = _COUNT_CODES.get(col.dtype)
+                if code is None or not col.is_contiguous():
+                    return None
+                columns[name] = col
+                count_names.append(name)
+                meta[0] += 1
+                meta += [col.data_ptr(), code]
+        for name in names:
+            spec, col = self.specs[name], self.columns[name]
+            if spec.kind == "count":
+                continue
+            code = _VALUE_CODES.get(col.dtype)
+            if code is None or not col.is_contiguous() or (spec.kind == "ema" and _LERP_FUSED is None):
+                return None
+            columns[name] = col
+            value_names.append(name)
+            meta += [col.data_ptr(), 0, _KIND_CODES[spec.kind], code]
+            weight.append(1 - spec.decay)
+        for name, col in self.columns.items():  # every column, so that a replaced one invalidates the plan
+            columns.setdefault(name, col)
+        plan = (columns, meta, np.array(weight, dtype=np.float64), count_names, value_names)
+        self._plans[names] = plan
+        return plan
 
     def _count_repeats(self, index: Tensor, ix: np.ndarray) -> Repeats:
         """CPU path, step 1: advance the ``count`` columns and find where the batch's indices repeat.

@@ -6,6 +6,7 @@ import torch
 
 from lightning_reweight.rules.importance import scatter_ema_
 from lightning_reweight.state import Column, SampleStateTable
+from lightning_reweight.state import table as table_module
 from lightning_reweight.state.table import Repeats
 
 from .reference_merge import scatter_ema_ as reference_scatter_ema_
@@ -13,6 +14,16 @@ from .reference_merge import table_update as reference_update
 
 _EXTRA = {"is_score": Column("last", 0.0), "is_seen": Column("last", 0.0), "s": Column("sum"),
           "m": Column("max", init=-1.0), "h": Column("last", 0.0, dtype=torch.float64)}
+
+
+@pytest.fixture(params=[True, False], ids=["numba", "fallback"], autouse=True)
+def use_numba(request, monkeypatch):
+    """Every test runs with the compiled update (``state._kernels``) and with the numpy/torch path."""
+    monkeypatch.setattr(table_module, "USE_NUMBA", request.param)
+    if request.param:
+        assert table_module._numba_kernels() is not None, "numba is a dependency: the compiled path must be available"
+        assert table_module._LERP_FUSED is not None, "neither lerp formula matches torch's"
+    return request.param
 
 
 def _batches(n: int, g: torch.Generator):
@@ -24,11 +35,13 @@ def _batches(n: int, g: torch.Generator):
     yield torch.tensor([3])
     yield torch.multinomial(torch.arange(1, n + 1, dtype=torch.float64) ** -1.5, 100, replacement=True, generator=g)
     yield torch.randint(0, n, (1000,), generator=g)
+    yield torch.randperm(n, generator=g)  # every row once
+    yield torch.randint(0, n, (4099,), generator=g)  # long: vectorised lerp bodies and tails
 
 
 def _tables(n: int, columns=None, extra=None):
     a, b = SampleStateTable(n, columns=columns), SampleStateTable(n, columns=columns)
-    for name, spec in (extra or _EXTRA).items():
+    for name, spec in (_EXTRA if extra is None else extra).items():
         a.add_column(name, spec)
         b.add_column(name, spec)
     return a, b
@@ -42,7 +55,7 @@ def _assert_same(a: SampleStateTable, b: SampleStateTable) -> None:
 
 
 @pytest.mark.parametrize("rate", [0.5, 0.1, 0.37, 1.0])
-@pytest.mark.parametrize("columns", ["default", "no_count", "int32_count", "half"])
+@pytest.mark.parametrize("columns", ["default", "no_count", "int32_count", "float64", "half"])
 def test_update_and_score_ema_equal_the_reference_bit_for_bit(rate, columns):
     """Float32/float64 columns take the numpy path, float16/bfloat16 ones the torch ops: both match."""
     cols, extra = None, None
@@ -53,6 +66,12 @@ def test_update_and_score_ema_equal_the_reference_bit_for_bit(rate, columns):
         cols = {"loss": Column("last", float("nan")), "count": Column("count", 0, dtype=torch.int32),
                 "n2": Column("count", 0, dtype=torch.int64), "ema_loss": Column("ema", float("nan"), decay=0.7),
                 "weight": Column("last", 1.0)}
+    elif columns == "float64":
+        cols = {"loss": Column("last", float("nan"), dtype=torch.float64), "count": Column("count", 0, dtype=torch.int32),
+                "ema_loss": Column("ema", float("nan"), decay=0.55, dtype=torch.float64),
+                "weight": Column("last", 1.0, dtype=torch.float64)}
+        extra = dict(_EXTRA, s=Column("sum", dtype=torch.float64), m=Column("max", init=-1.0, dtype=torch.float64),
+                     e2=Column("ema", 0.5, decay=0.2))
     elif columns == "half":
         cols = {"loss": Column("last", float("nan"), dtype=torch.float16), "count": Column("count", 0, dtype=torch.int64),
                 "ema_loss": Column("ema", float("nan"), decay=0.9, dtype=torch.bfloat16),
@@ -68,6 +87,8 @@ def test_update_and_score_ema_equal_the_reference_bit_for_bit(rate, columns):
             losses, weights = torch.rand(b, generator=g) * 3, torch.rand(b, generator=g) * 2
             score = torch.rand(b, generator=g)
             vals = {"loss": losses, "ema_loss": losses, "weight": weights, "s": score, "m": score, "h": weights}
+            if "e2" in new.columns:  # an EMA column initialised to a number (no NaN rows), fed float64 values
+                vals["e2"] = score.double()
             repeats = new.update(index, check=False, **vals)
             assert isinstance(repeats, Repeats) and repeats.size == b
             scatter_ema_(new["is_score"], new["is_seen"], index, score, rate, repeats=repeats)
@@ -124,7 +145,8 @@ def test_fixed_shape_table_returns_no_repeats():
     assert t["loss"][1] == 1.5 and t["count"][1] == 2
 
 
-@pytest.mark.parametrize("columns", [None, {"loss": Column("last", 0.0)}, {"c": Column("count", 0, dtype=torch.float32)}])
+@pytest.mark.parametrize("columns", [None, {"loss": Column("last", 0.0)}, {"c": Column("count", 0, dtype=torch.float32)},
+                                     {"c": Column("count", 0, dtype=torch.int32), "loss": Column("ema", float("nan"))}])
 @pytest.mark.parametrize("bad", [-1, 10])
 def test_unchecked_out_of_range_index_raises_before_any_write(columns, bad):
     """``check=False`` skips the range check, but a bad index still raises (numpy would wrap a negative one)
@@ -135,3 +157,57 @@ def test_unchecked_out_of_range_index_raises_before_any_write(columns, bad):
         t.update(torch.tensor([1, 1, bad]), check=False, **({} if "c" in t.columns else {"loss": torch.ones(3)}))
     for k, v in before.items():
         assert torch.equal(t[k].nan_to_num(-1), v.nan_to_num(-1)), k
+
+
+@pytest.mark.parametrize("index", [[3], [5, 5, 5, 5], [0, 9, 4, 2], [7, 1, 7, 7, 2, 1, 0]])
+@pytest.mark.parametrize("count_dtype", [torch.int64, torch.int32])
+def test_small_batches_with_nan_rows_sum_and_max_equal_the_reference(index, count_dtype):
+    """B = 1, all duplicates, no repeats, mixed repeats; NaN-initialised rows and rows seen before; a NaN value
+    in a ``max`` column wins (as ``scatter_reduce_``)."""
+    cols = {"loss": Column("last", float("nan")), "ema_loss": Column("ema", float("nan"), decay=0.9),
+            "count": Column("count", 0, dtype=count_dtype), "weight": Column("last", 1.0),
+            "s": Column("sum", 0.5), "m": Column("max", init=float("-inf"))}
+    new, ref = _tables(10, cols, {})
+    g = torch.Generator().manual_seed(len(index))
+    ix = torch.tensor(index)
+    for step in range(3):
+        x = torch.randn(ix.numel(), generator=g)
+        m = x.clone()
+        if step == 2:
+            m[-1] = float("nan")
+        vals = {"loss": x, "ema_loss": x, "weight": x.abs(), "s": x, "m": m}
+        r = new.update(ix, check=False, **vals)
+        reference_update(ref, ix, **vals)
+        _assert_same(new, ref)
+        ref_repeats = Repeats.of(ix)
+        if ref_repeats.positions is None:
+            assert r == Repeats(ix.numel())
+        else:  # the repeated rows only (rows seen once may be left out)
+            keep = ref_repeats.count > 1
+            for name in ("positions", "count"):
+                assert getattr(r, name).tolist() == getattr(ref_repeats, name)[keep].tolist(), name
+
+
+def test_compiled_update_matches_the_fallback_on_large_batches():
+    """B = 8192 with and without repeats: the compiled path and the numpy/torch path write the same tables and
+    return the same ``Repeats``."""
+    g = torch.Generator().manual_seed(11)
+    tables = {}
+    for use in (True, False):
+        table_module.USE_NUMBA = use
+        t = SampleStateTable(20000)
+        t.add_column("s", Column("sum"))
+        out = []
+        for index in (torch.randint(0, 20000, (8192,), generator=torch.Generator().manual_seed(1)),
+                      torch.randperm(20000, generator=torch.Generator().manual_seed(2))[:8192]):
+            x = torch.rand(8192, generator=torch.Generator().manual_seed(3))
+            out.append(t.update(index, check=False, loss=x, ema_loss=x, weight=x * 2, s=x))
+        tables[use] = (t, out)
+    (a, ra), (b, rb) = tables[True], tables[False]
+    _assert_same(a, b)
+    for x, y in zip(ra, rb):
+        assert x.size == y.size
+        for name in ("positions", "group", "count", "later"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None and v is None) or u.tolist() == v.tolist(), name
+    del g
