@@ -273,7 +273,8 @@ def reduce_loss(
     for cb in callbacks:
         w = cb.compute_weights(batch, trainer, module)
         if w is not None:
-            w = w.detach().reshape(-1).to(device, torch.float32)
+            if w.requires_grad or w.dim() != 1 or w.dtype != torch.float32 or w.device != device:
+                w = w.detach().reshape(-1).to(device, torch.float32)
             if w.numel() != len(batch):
                 raise ValueError(
                     f"Expected {type(cb).__name__} to return one weight per sample of the global batch "
@@ -298,10 +299,11 @@ def reduce_loss(
             normalized_part = w if normalized_part is None else normalized_part * w
         else:
             raw_part = w if raw_part is None else raw_part * w
+    t_normalized: float | None = None  # host mode, mean-1 factors only: their total decides the checks below
     if normalized_part is not None:  # renormalise the product of the mean-1 factors; unnormalised ones keep scale
         total = normalized_part.sum()
         if host:
-            t = total.item()
+            t = t_normalized = total.item()
             normalized_part = normalized_part * (len(batch) / t if t > 0 else 1.0)
         else:
             normalized_part = normalized_part * torch.where(total > 0, len(batch) / total, torch.ones_like(total))
@@ -312,11 +314,15 @@ def reduce_loss(
             else normalized_part * raw_part
     # the parts are finite and non-negative when the checks above hold, so a finite positive total means
     # finite combined weights (an overflow of the product shows as an infinite total)
-    total = weights.sum()
-    if host:
-        t = total.item()
+    if host and raw_part is None and t_normalized is not None:
+        # renormalised to total B when their total t is finite and positive (each weight <= t, so none
+        # overflows): t itself answers both checks, no second sum
+        flags = [math.isfinite(t_normalized), t_normalized > 0]
+    elif host:
+        t = weights.sum().item()
         flags = [math.isfinite(t), t > 0]
     else:
+        total = weights.sum()
         flags += [torch.isfinite(total), total > 0]
     if sync:
         ok = flags if host else _host(flags)
@@ -353,7 +359,7 @@ def reduce_loss(
                 "(Checks that can fail belong in `validate_batch` or `compute_weights`.)"
             ) from err
         committed.append(type(cb).__name__)
-    w_local = weights[batch.local]
+    w_local = weights if len(batch.sizes) == 1 else weights[batch.local]  # one process: every row is local
     if w_local.device != local_losses.device or w_local.dtype != local_losses.dtype:
         w_local = w_local.to(local_losses.device, local_losses.dtype)
     # W/B_global · Σ_local w·ℓ: DDP's gradient mean over W ranks gives exactly (1/B_global) Σ_global w·ℓ,
