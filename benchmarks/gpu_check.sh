@@ -10,6 +10,8 @@
 #   2. benchmarks/sampler_speed.py   -> sampler_speed.json, sampler_speed.log
 #   3. benchmarks/gpu_fit.py         -> gpu_fit.json, gpu_fit.log: a one-GPU fit with every callback, median
 #      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn"))
+#   4. the CUDA tests (a GPU step of every callback under set_sync_debug_mode("error"))  -> cuda_tests.log
+#   5. benchmarks/fsdp_check.py      -> fsdp.json, fsdp.log: FSDP vs DDP on every visible GPU
 # plus nvidia-smi.txt and summary.txt (every figure, one per line). In --cpu-smoke mode only step 3 runs
 # (on CPU, 4 steps), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 1-2 with --quick.
 # Environment: PYTHON (default: python), GPU_CHECK_QUICK=1 passes --quick to every benchmark,
@@ -89,6 +91,9 @@ else
   read -r -a SAMPLER_ARGS <<< "${GPU_CHECK_SAMPLER_ARGS:-}"
   step sampler_speed "$PY" benchmarks/sampler_speed.py "${QUICK[@]}" "${SAMPLER_ARGS[@]}" --json "$OUT/sampler_speed.json" --out "$OUT"
   step gpu_fit "$PY" benchmarks/gpu_fit.py --device cuda "${QUICK[@]}" --json "$OUT/gpu_fit.json"
+  step cuda_tests "$PY" -m pytest tests/callbacks/test_device_path.py tests/core/test_device.py -rs \
+    -p no:cacheprovider
+  step fsdp "$PY" benchmarks/fsdp_check.py --steps 4 --json "$OUT/fsdp.json"
 fi
 
 # every figure of every JSON written, one per line
