@@ -7,30 +7,16 @@ numba is missing. Each kernel does the vectorised path's float64 operations in t
 ``exp``/``log`` instead of torch's vectorised ones (both within an ulp of the exact value), so results agree
 with it to float64 rounding and, once stored as float32, nearly always bit for bit (see the tests).
 
-Compiled code is cached on disk next to this file (numba's ``cache=True``), or in numba's user-wide cache
-directory, or (where no cache location works) compiled in memory once per process.
+Compiled and cached on disk by ``lightning_reweight._numba.jit``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
-from typing import Any
 
-import numba
 import numpy as np
 
-
-def _jit(fn: Callable[..., Any]) -> Any:
-    """``njit(cache=True, nogil=True)``, or without the disk cache where numba finds no usable location."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", numba.NumbaWarning)
-        try:
-            return numba.njit(cache=True, nogil=True)(fn)
-        except (RuntimeError, OSError):
-            return numba.njit(cache=False, nogil=True)(fn)
-
+from lightning_reweight._numba import jit as _jit
 
 _LOG2 = math.log(2.0)
 # log of the smallest positive normal float32 (``rules.adawac._LOG_TINY``)

@@ -30,6 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_reweight._numba import LazyKernels
+
 Direction = Literal["up", "down"]
 Strategy = Literal["linupper", "quadratic", "extremes"]
 
@@ -191,20 +193,10 @@ def effective_sample_size(weights: Tensor, unit_mass: bool = False) -> Tensor:
 # Use the compiled numba kernels (``_kernels``) for the CPU steps of the KL-DRO EMA normaliser, AdaWAC and the
 # ESS of a CPU batch when numba is importable; False forces the vectorised numpy/torch paths.
 USE_NUMBA = True
-_KERNELS: Any = None  # the imported ``_kernels`` module, False if numba is missing, None before the first try
+_KERNELS = LazyKernels("lightning_reweight.rules._kernels")
 
 
 def host_kernels() -> Any:
-    """The ``rules._kernels`` module, imported on first use (numba's import costs ~0.3 s), or None when numba is
-    missing or ``USE_NUMBA`` is False."""
-    global _KERNELS
-    if not USE_NUMBA:
-        return None
-    if _KERNELS is None:
-        try:
-            from lightning_reweight.rules import _kernels
-        except Exception:  # numba missing or broken (e.g. built for another numpy): the vectorised path
-            _KERNELS = False
-        else:
-            _KERNELS = _kernels
-    return _KERNELS or None
+    """The ``rules._kernels`` module (imported on first use), or None when numba is missing or ``USE_NUMBA`` is
+    False."""
+    return _KERNELS.get() if USE_NUMBA else None

@@ -4,31 +4,14 @@ Imported lazily by ``core`` the first time a CPU table is built or drawn from, s
 never pays numba's import. Both kernels reproduce the vectorised numpy/torch construction and draw of ``core``
 bit for bit (same float64 operations in the same order); ``core`` falls back to those when numba is missing.
 
-Compiled code is cached on disk next to this file (numba's ``cache=True``); where that directory is not
-writable numba uses its user-wide cache directory, and where no cache location works at all the kernels
-compile in memory once per process (about a second) instead.
+Compiled and cached on disk by ``lightning_reweight._numba.jit``.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from typing import Any
-
-import numba
 import numpy as np
 
-
-def _jit(fn: Callable[..., Any]) -> Any:
-    """``njit(cache=True, nogil=True)``, or without the disk cache where numba finds no usable location for it
-    (a read-only install without a writable user cache); its warnings about the cache are silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", numba.NumbaWarning)
-        try:
-            return numba.njit(cache=True, nogil=True)(fn)
-        except (RuntimeError, OSError):
-            return numba.njit(cache=False, nogil=True)(fn)
-
+from lightning_reweight._numba import jit as _jit
 
 # Entries are classified in blocks of this many: each block's lights (or heavies) are compacted without
 # branches into a small buffer that stays in cache, so the sweep's branches follow the merge, not the data.

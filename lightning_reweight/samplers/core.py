@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from lightning_reweight._numba import LazyKernels
+
 __all__ = [
     "AliasTable",
     "WeightedSampler",
@@ -147,23 +149,12 @@ def build_alias_table(weights: Tensor) -> AliasTable:
 # Use the compiled numba kernels (``_kernels``) for CPU tables and draws when numba is importable; False forces
 # the vectorised numpy/torch path (same tables and stream, bit for bit).
 USE_NUMBA = True
-_KERNELS: Any = None  # the imported ``_kernels`` module, False if numba is missing, None before the first try
+_KERNELS = LazyKernels("lightning_reweight.samplers._kernels")
 
 
 def _numba_kernels() -> Any:
-    """The ``_kernels`` module, imported on first use (numba's import costs ~0.3 s), or None when numba is
-    missing or ``USE_NUMBA`` is False."""
-    global _KERNELS
-    if not USE_NUMBA:
-        return None
-    if _KERNELS is None:
-        try:
-            from lightning_reweight.samplers import _kernels
-        except Exception:  # numba missing or broken (e.g. built for another numpy): the vectorised path
-            _KERNELS = False
-        else:
-            _KERNELS = _kernels
-    return _KERNELS or None
+    """The ``_kernels`` module (imported on first use), or None when numba is missing or ``USE_NUMBA`` is False."""
+    return _KERNELS.get() if USE_NUMBA else None
 
 
 def _build_alias_table(weights: Tensor) -> AliasTable:

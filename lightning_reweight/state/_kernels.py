@@ -13,14 +13,11 @@ torch's vectorised CPU kernel) or not (``table._probe_lerp`` finds which one thi
 The columns are passed as addresses (``Tensor.data_ptr()``) with a dtype code each, packed in one int64 array,
 so one compiled signature serves every column layout: the caller keeps the tensors alive and contiguous.
 
-Compiled code is cached on disk next to this file (numba's ``cache=True``), or in numba's user-wide cache
-directory, or (where no cache location works) compiled in memory once per process.
+Compiled and cached on disk by ``lightning_reweight._numba.jit``.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numba
@@ -28,16 +25,7 @@ import numpy as np
 from numba.core import types
 from numba.extending import intrinsic
 
-
-def _jit(fn: Callable[..., Any]) -> Any:
-    """``njit(cache=True, nogil=True)``, or without the disk cache where numba finds no usable location."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", numba.NumbaWarning)
-        try:
-            return numba.njit(cache=True, nogil=True)(fn)
-        except (RuntimeError, OSError):
-            return numba.njit(cache=False, nogil=True)(fn)
-
+from lightning_reweight._numba import jit as _jit
 
 #: kind codes of value columns
 LAST, EMA, SUM, MAX = 0, 1, 2, 3

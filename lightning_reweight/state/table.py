@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_reweight._numba import LazyKernels
 from lightning_reweight.state.validate import CheckpointStateError, as_int, as_tensor, require_keys
 
 Kind = Literal["last", "ema", "sum", "max", "count"]
@@ -124,7 +125,6 @@ class Repeats:
 # Use the compiled numba kernel (``state._kernels.table_update``) for CPU updates when numba is importable; False
 # forces the numpy/torch path (the same tables and ``Repeats``, bit for bit).
 USE_NUMBA = True
-_KERNELS: Any = None  # the imported ``_kernels`` module, False if numba is missing, None before the first try
 #: whether this torch build's CPU ``lerp`` rounds once (fused multiply-add, as its vectorised kernel does), probed
 #: on the kernels' first import; None when neither formula matches it (EMA columns then take the torch path)
 _LERP_FUSED: bool | None = None
@@ -134,20 +134,14 @@ _COUNT_CODES = {torch.int32: 2, torch.int64: 3}  # ``_kernels.I32``, ``I64``
 
 
 def _numba_kernels() -> Any:
-    """The ``state._kernels`` module, imported on first use (numba's import costs ~0.3 s), or None when numba
-    is missing or ``USE_NUMBA`` is False."""
-    global _KERNELS, _LERP_FUSED
-    if not USE_NUMBA:
-        return None
-    if _KERNELS is None:
-        try:
-            from lightning_reweight.state import _kernels
-            _LERP_FUSED = _probe_lerp(_kernels)
-        except Exception:  # numba missing or broken (e.g. built for another numpy): the numpy/torch path
-            _KERNELS = False
-        else:
-            _KERNELS = _kernels
-    return _KERNELS or None
+    """The ``state._kernels`` module (imported on first use, when ``torch.lerp``'s rounding is probed), or None
+    when numba is missing or ``USE_NUMBA`` is False."""
+    return _KERNELS.get() if USE_NUMBA else None
+
+
+def _set_lerp_fused(kernels: Any) -> None:
+    global _LERP_FUSED
+    _LERP_FUSED = _probe_lerp(kernels)
 
 
 def _probe_lerp(kernels: Any) -> bool | None:
@@ -166,6 +160,8 @@ def _probe_lerp(kernels: Any) -> bool | None:
                 match[fused] = match[fused] and np.array_equal(out, expected)
     return True if match[True] else False if match[False] else None
 
+
+_KERNELS = LazyKernels("lightning_reweight.state._kernels", on_import=_set_lerp_fused)
 
 def _same_spec(a: Column, b: Column) -> bool:
     """Spec equality that treats two NaN ``init`` values as equal."""
