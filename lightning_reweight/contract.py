@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback, weighting_callbacks
 from lightning_reweight.distributed import gather_rows, local_slice
-from lightning_reweight.rules.instance import check_losses
+from lightning_reweight.rules.instance import all_finite, check_losses
 
 __all__ = ["reduce_loss", "MissingIndexError"]
 
@@ -229,7 +229,7 @@ def reduce_loss(
     host = sync and device.type == "cpu"  # host reads are cheap: read each check right away, fewer tensor ops
     lo, hi = batch.index.aminmax()
     if host:  # a finite sum means finite losses (an overflowing sum falls back to the exact check)
-        good = math.isfinite(batch.losses.sum().item()) or bool(torch.isfinite(batch.losses).all())
+        good = all_finite(batch.losses)
         lo, hi = lo.item(), hi.item()
     else:
         finite = torch.isfinite(batch.losses).all()
@@ -261,8 +261,7 @@ def reduce_loss(
         (batch.losses,), _ = gather_rows([local_losses.detach()], sizes)
         batch.losses = batch.losses.to(device, torch.float32)
         # checked globally: every rank raises (on the CPU a finite sum means finite losses, as for the inputs)
-        if sync and not ((host and math.isfinite(batch.losses.sum().item()))
-                         or _host([torch.isfinite(batch.losses).all()])[0]):
+        if sync and not (all_finite(batch.losses) if host else _host([torch.isfinite(batch.losses).all()])[0]):
             check_losses(local_losses)
             raise ValueError("Expected finite transformed per-sample losses on every rank, but another rank has "
                              "NaN/inf; no weight or state was updated.")

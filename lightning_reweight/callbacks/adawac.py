@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,7 +12,7 @@ from typing_extensions import override
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.callbacks.logging import log_histogram, log_scalars, log_weight_stats
 from lightning_reweight.rules.adawac import adawac_update, check_eta
-from lightning_reweight.rules.instance import host_kernels
+from lightning_reweight.rules.instance import all_finite, host_kernels
 from lightning_reweight.state.table import Column
 from lightning_reweight.state.validate import CheckpointStateError, as_tensor, require_keys
 
@@ -136,8 +135,7 @@ class AdaWAC(WeightingCallback):
             )
         if not self.host_checks(batch):  # a GPU step without host reads: checked at the end of the epoch
             self.defer_check(torch.isfinite(cons).all())
-        elif not (math.isfinite(cons.sum().item()) or bool(torch.isfinite(cons).all())):
-            # (a finite sum means finite values; an overflowing sum of finite values falls to the exact check)
+        elif not all_finite(cons):
             raise ValueError(f"Expected a finite `{self.consistency_key}` loss, but got NaN or inf; no state was updated.")
 
     @override

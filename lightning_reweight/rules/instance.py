@@ -49,6 +49,12 @@ __all__ = [
 ]
 
 
+def all_finite(values: Tensor) -> bool:
+    """Whether every value of a CPU tensor is finite, read on the host: a finite sum proves it with one reduction;
+    only a non-finite sum (a NaN/inf, or finite values whose sum overflows) takes the element-wise check."""
+    return math.isfinite(values.sum().item()) or bool(torch.isfinite(values).all())
+
+
 def check_losses(losses: Tensor) -> Tensor:
     """Validate per-sample losses: 1-D, floating, finite. Returns them detached as float32."""
     if not isinstance(losses, Tensor):
