@@ -5,16 +5,17 @@
 #   benchmarks/gpu_check.sh OUT_DIR --cpu-smoke  # the same fit on CPU for a few steps (tests the script)
 #   GPU_CHECK_CPU_SMOKE=1 benchmarks/gpu_check.sh OUT_DIR   # same as --cpu-smoke
 #
-# Runs, writing JSON and logs to OUT_DIR:
-#   1. benchmarks/overhead.py        -> overhead.json, overhead.log   (with --accelerator gpu if it takes one)
-#   2. benchmarks/sampler_speed.py   -> sampler_speed.json, sampler_speed.log
-#   3. benchmarks/gpu_fit.py         -> gpu_fit.json, gpu_fit.log: a one-GPU fit with every callback, median
+# Runs, writing JSON and logs to OUT_DIR (correctness first, so a cut-short run still answers it):
+#   1. the CUDA tests (a GPU step of every callback under set_sync_debug_mode("error"))  -> cuda_tests.log
+#   2. benchmarks/gpu_fit.py         -> gpu_fit.json, gpu_fit.log: a one-GPU fit with every callback, median
 #      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn"))
-#   4. the CUDA tests (a GPU step of every callback under set_sync_debug_mode("error"))  -> cuda_tests.log
+#   3. benchmarks/overhead.py        -> overhead.json, overhead.log   (with --accelerator gpu if it takes one)
+#   4. benchmarks/sampler_speed.py   -> sampler_speed.json, sampler_speed.log
 #   5. benchmarks/fsdp_check.py      -> fsdp.json, fsdp.log: FSDP vs DDP on every visible GPU
 # plus nvidia-smi.txt and summary.txt (every figure, one per line). In --cpu-smoke mode only step 3 runs
-# (on CPU, 4 steps), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 1-2 with --quick.
+# (on CPU, 4 steps), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 3-4 with --quick.
 # Environment: PYTHON (default: python), GPU_CHECK_QUICK=1 passes --quick to every benchmark,
+# GPU_CHECK_STEP_TIMEOUT=SECONDS stops a step that runs longer (it counts as failed; the next step runs),
 # GPU_CHECK_SAMPLER_ARGS adds arguments to sampler_speed.py (e.g. "--sizes 1e7" for a short run: the full one
 # times torch.multinomial at 1e8, minutes of CPU time).
 # Exit status: 0 all passed, 2 usage or no CUDA device, 1 a benchmark failed (the others still ran).
@@ -65,7 +66,9 @@ QUICK=()
 step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, report elapsed time, remember a failure
   local name="$1"; shift
   echo "[gpu_check $(( $(date +%s) - START )) s] $name: $*"
-  if "$@" > "$OUT/$name.log" 2>&1; then
+  local limit=()
+  [ -n "${GPU_CHECK_STEP_TIMEOUT:-}" ] && limit=(timeout "$GPU_CHECK_STEP_TIMEOUT")
+  if "${limit[@]}" "$@" > "$OUT/$name.log" 2>&1; then
     echo "[gpu_check $(( $(date +%s) - START )) s] $name: ok"
   else
     echo "[gpu_check $(( $(date +%s) - START )) s] $name: FAILED (exit $?), see $OUT/$name.log" >&2
@@ -87,12 +90,12 @@ else
   if "$PY" benchmarks/overhead.py --help 2>/dev/null | grep -q -- "--accelerator"; then
     OVERHEAD_ARGS=(--accelerator gpu)
   fi
+  step cuda_tests "$PY" -m pytest tests/callbacks/test_device_path.py tests/core/test_device.py -rs \
+    -p no:cacheprovider
+  step gpu_fit "$PY" benchmarks/gpu_fit.py --device cuda "${QUICK[@]}" --json "$OUT/gpu_fit.json"
   step overhead "$PY" benchmarks/overhead.py "${QUICK[@]}" "${OVERHEAD_ARGS[@]}" --json "$OUT/overhead.json" --out "$OUT"
   read -r -a SAMPLER_ARGS <<< "${GPU_CHECK_SAMPLER_ARGS:-}"
   step sampler_speed "$PY" benchmarks/sampler_speed.py "${QUICK[@]}" "${SAMPLER_ARGS[@]}" --json "$OUT/sampler_speed.json" --out "$OUT"
-  step gpu_fit "$PY" benchmarks/gpu_fit.py --device cuda "${QUICK[@]}" --json "$OUT/gpu_fit.json"
-  step cuda_tests "$PY" -m pytest tests/callbacks/test_device_path.py tests/core/test_device.py -rs \
-    -p no:cacheprovider
   step fsdp "$PY" benchmarks/fsdp_check.py --steps 4 --json "$OUT/fsdp.json"
 fi
 
