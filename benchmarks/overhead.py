@@ -7,11 +7,12 @@ training step alternates: even steps reduce with a plain ``losses.mean()``, odd 
 median reweighted step to the median plain step over all steps after warm-up. A second table times
 the per-step table update at growing N to show it does not grow with the data set (O(batch) per step).
 
-    python benchmarks/overhead.py [--quick] [--json PATH] [--accelerator cpu|gpu]
+    python benchmarks/overhead.py [--quick] [--json PATH] [--accelerator cpu|gpu] [--no-sync-checks]
 
 ``--accelerator gpu`` (what ``benchmarks/gpu_check.sh`` passes) runs the same on one CUDA GPU: the step timer
 synchronises the device at the start and end of each step, the per-sample table lives on the GPU (the device
-path: no host sync per step) and the ``reduce_loss`` and table-update probes time CUDA tensors.
+path) and the ``reduce_loss`` and table-update probes time CUDA tensors. ``--no-sync-checks`` passes
+``sync_checks=False``, so the callback reads nothing back to the host per step (see README, "On a GPU").
 
 JSON figures: ``overhead_ratio`` (reweighted / plain median step time), ``reduce_loss_ms`` (the contract
 path's own cost per call), ``implied_overhead_ratio`` (1 + that / plain step), ``table_update_ms_1e7``.
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--model", default="resnet10t")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
                    help="'gpu': one CUDA device (step timer synchronises; table and probes on the GPU)")
+    p.add_argument("--no-sync-checks", action="store_true",
+                   help="LossReweighting(sync_checks=False): no host read of the validation results per step")
     args = p.parse_args()
     args.steps += args.steps % 2  # even: as many plain as reweighted steps
     setup_threads(args.threads)
@@ -49,7 +52,7 @@ def main() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_reweight import IndexedDataset, LossReweighting, SampleStateTable
-    from lightning_reweight.models import ImageClassifier
+    from lightning_reweight.models.classifier import ImageClassifier  # not the package: no smp import
 
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("overhead.py --accelerator gpu: no CUDA device (torch.cuda.is_available() is False)")
@@ -89,7 +92,8 @@ def main() -> None:
     for _ in range(args.repeats):
         pl.seed_everything(0, verbose=False)
         timer = StepTimer()
-        callbacks = [LossReweighting("linupper", warmup_steps=0, log_every_n_steps=10), timer]
+        callbacks = [LossReweighting("linupper", warmup_steps=0, log_every_n_steps=10,
+                                     sync_checks=not args.no_sync_checks), timer]
         trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps + warm, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=callbacks)
@@ -114,7 +118,8 @@ def main() -> None:
 
     probe = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False,
-                       callbacks=[LossReweighting("linupper", warmup_steps=0, num_samples=n)])
+                       callbacks=[LossReweighting("linupper", warmup_steps=0, num_samples=n,
+                                                       sync_checks=not args.no_sync_checks)])
     mod = ImageClassifier(args.model, num_classes=10, in_chans=3, scheduler="none").to(device)
     probe.strategy.connect(mod)
     mod.trainer = probe

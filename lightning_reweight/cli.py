@@ -29,6 +29,9 @@ from lightning_reweight.callbacks.logging import weight_summary
 
 __all__ = ["ReweightCLI", "build_cli", "main", "weight_summary_lines"]
 
+for _name in _models.__all__:  # the models package loads its modules lazily: load them all for the CLI
+    getattr(_models, _name)
+
 
 def _public_classes(module: Any, base: type) -> list[str]:
     return sorted(name for name in getattr(module, "__all__", [])

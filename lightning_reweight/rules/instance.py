@@ -85,9 +85,10 @@ def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> T
     ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
     if losses.device.type != "cpu":  # tensor ops only: no host synchronisation on a GPU
-        lo_t, hi_t = losses.double().aminmax()
+        x = losses.double()
+        lo_t, hi_t = x.aminmax()
         scale_t = delta / (hi_t - lo_t).clamp_min(eps)
-        return (losses.double() * (2 * scale_t) - (hi_t + lo_t) * scale_t).to(losses.dtype)
+        return (x * (2 * scale_t) - (hi_t + lo_t) * scale_t).to(losses.dtype)
     lo, hi = (float(v) for v in losses.aminmax())
     scale = delta / max(hi - lo, eps)  # Python floats: no overflow for huge finite losses
     # 2·scale·ℓ stays within ±(2δ + |ℓ_max + ℓ_min|·scale); compute in float64 only if that could overflow

@@ -163,6 +163,11 @@ def _probe_lerp(kernels: Any) -> bool | None:
 
 _KERNELS = LazyKernels("lightning_reweight.state._kernels", on_import=_set_lerp_fused)
 
+def _as_column(val: Tensor, col: Tensor, device: torch.device) -> Tensor:
+    """``val`` as a flat, detached tensor in ``col``'s float dtype on ``device`` (float32 for an integer column)."""
+    return val.detach().reshape(-1).to(device, col.dtype if col.is_floating_point() else torch.float32)
+
+
 def _same_spec(a: Column, b: Column) -> bool:
     """Spec equality that treats two NaN ``init`` values as equal."""
     same_init = a.init == b.init or (a.init != a.init and b.init != b.init)
@@ -352,35 +357,46 @@ class SampleStateTable:
             repeats = self._count_repeats(index, ix)
             self._write_cpu(index, ix, values, repeats)
             return repeats
-        counted = False
-        # fixed-shape duplicate merge (no torch.unique: its output size would need a host sync on a GPU)
-        sorted_index, perm = torch.sort(index)
-        left = torch.searchsorted(sorted_index, sorted_index)
-        right = torch.searchsorted(sorted_index, sorted_index, right=True)
-        occurrences = right - left  # per sorted position: how often its sample occurs in the batch
+        # fixed-shape duplicate merge (no torch.unique: its output size would need a host sync on a GPU). On a
+        # GPU every op is a kernel launch, so the "last" and "ema" columns share one sort, one float64 prefix
+        # sum and one mean: a fixed number of launches per step, plus a few per column
+        merged = [name for name in values if self.specs[name].kind in ("last", "ema")]
         for name, val in values.items():
             spec, col = self.specs[name], self.columns[name]
-            if spec.kind == "count":
-                continue
-            val = val.detach().reshape(-1).to(self.device, col.dtype if col.is_floating_point() else torch.float32)
             if spec.kind == "sum":
-                col.index_add_(0, index, val.to(col.dtype))
-                continue
-            if spec.kind == "max":
-                col.scatter_reduce_(0, index, val.to(col.dtype), "amax", include_self=True)
-                continue
-            vs = val[perm]
-            csum = torch.cat([vs.new_zeros(1, dtype=torch.float64), torch.cumsum(vs.double(), 0)])
+                col.index_add_(0, index, _as_column(val, col, self.device).to(col.dtype))
+            elif spec.kind == "max":
+                col.scatter_reduce_(0, index, _as_column(val, col, self.device).to(col.dtype), "amax",
+                                  include_self=True)
+        if merged:
+            sorted_index, perm = torch.sort(index)
+            left = torch.searchsorted(sorted_index, sorted_index)
+            right = torch.searchsorted(sorted_index, sorted_index, right=True)
+            occurrences = right - left  # per sorted position: how often its sample occurs in the batch
+            # (B, k): each column's values rounded to its dtype first, then summed in float64 (a tensor given
+            # for several columns of one dtype, e.g. the loss and its EMA, is converted once)
+            converted: dict[tuple[int, torch.dtype], Tensor] = {}
+            for name in merged:
+                val, col = values[name], self.columns[name]
+                key = (id(val), col.dtype)
+                if key not in converted:
+                    converted[key] = _as_column(val, col, self.device).double()
+            vs = torch.stack([converted[(id(values[name]), self.columns[name].dtype)] for name in merged], 1)[perm]
+            csum = torch.cat([vs.new_zeros(1, len(merged)), torch.cumsum(vs, 0)])
             # a sample seen once keeps its value exactly; duplicates take their mean
-            mean = torch.where(occurrences == 1, vs, ((csum[right] - csum[left]) / occurrences).to(vs.dtype))
-            if spec.kind == "last":
-                col.index_put_((sorted_index,), mean.to(col.dtype))
-            else:  # ema; NaN (never seen) entries take the first value
-                old = col[sorted_index]
-                new = spec.decay * old + (1 - spec.decay) * mean
-                col.index_put_((sorted_index,), torch.where(torch.isnan(old), mean, new).to(col.dtype))
+            means = torch.where((occurrences == 1).unsqueeze(1), vs,
+                                (csum[right] - csum[left]) / occurrences.unsqueeze(1))
+            for j, name in enumerate(merged):
+                spec, col = self.specs[name], self.columns[name]
+                mean = means[:, j].to(torch.float32 if not col.is_floating_point() else col.dtype).to(col.dtype)
+                if spec.kind == "last":
+                    col.index_put_((sorted_index,), mean)
+                else:  # ema; NaN (never seen) entries take the first value
+                    old = col[sorted_index]
+                    new = spec.decay * old + (1 - spec.decay) * mean
+                    col.index_put_((sorted_index,), torch.where(torch.isnan(old), mean, new))
         for name, spec in self.specs.items():
-            if spec.kind == "count" and not counted:
+            if spec.kind == "count":
                 col = self.columns[name]
                 col.index_add_(0, index, torch.ones(b, dtype=col.dtype, device=col.device))
         return None
