@@ -341,7 +341,7 @@ def reduce_loss(
                 "removes every sample)."
             )
     else:
-        callbacks[0]._deferred.append(torch.stack(deferred + flags).all())
+        callbacks[0].defer_check(torch.stack(deferred + flags).all())
 
     # ---- 5. commit: every callback updates its state from the accepted step
     for cb, w in proposals:

@@ -16,6 +16,9 @@ from lightning_reweight.callbacks.logging import log_weight_stats
 from lightning_reweight.state.table import DEFAULT_COLUMNS, Column, SampleStateTable, _spec_to_dict
 from lightning_reweight.state.validate import CheckpointStateError, TrainingSetChangedError, require_keys
 
+#: deferred checks (``sync_checks=False``) kept per callback before they are folded into one count on the device
+DEFERRED_FOLD = 256
+
 
 @dataclass
 class GlobalBatch:
@@ -153,7 +156,8 @@ class WeightingCallback(Callback):
         self._pending_table_state: tuple[int, dict[str, Column], dict[str, Tensor]] | None = None
         self._train_size: int | None = None
         self._last: tuple[GlobalBatch, Tensor] | None = None
-        self._deferred: list[Tensor] = []
+        self._deferred: list[Tensor] = []  # 0-d bool checks not read yet (``defer_check``)
+        self._deferred_bad: Tensor | None = None  # how many of the folded ones failed (0-d, on their device)
         #: the weights this callback's ``compute_weights`` returned at the last step (``None``: no opinion)
         self.last_weights: Tensor | None = None
 
@@ -315,18 +319,37 @@ class WeightingCallback(Callback):
         return self.sync_checks or batch.losses.device.type == "cpu"
 
     def defer_check(self, ok: Tensor) -> None:
-        """Keep a 0-d bool check of this step for ``check_deferred`` (no host synchronisation now)."""
-        self._deferred.append(ok.reshape(()))
+        """Keep a 0-d bool check of this step for ``check_deferred`` (no host synchronisation now).
+
+        Every ``DEFERRED_FOLD`` checks are folded on their device into one count of failures (three kernel
+        launches), so a long epoch without a validation or checkpoint keeps O(1) tensors, not one per step."""
+        ok = ok.reshape(())
+        if self._deferred and self._deferred[0].device != ok.device:
+            self._fold_deferred()  # the module moved: fold the old device's checks first
+        self._deferred.append(ok)
+        if len(self._deferred) >= DEFERRED_FOLD:
+            self._fold_deferred()
+
+    def _fold_deferred(self) -> None:
+        if not self._deferred:
+            return
+        bad = (~torch.stack(self._deferred)).sum()
+        self._deferred = []
+        if self._deferred_bad is not None and self._deferred_bad.device != bad.device:
+            bad = bad + self._deferred_bad.to(bad.device)  # a device change (rare): one copy
+        elif self._deferred_bad is not None:
+            bad = bad + self._deferred_bad
+        self._deferred_bad = bad
 
     def check_deferred(self) -> None:
         """Read back the checks ``reduce_loss`` deferred (``sync_checks=False``) and raise if a step failed."""
-        if not self._deferred:
+        self._fold_deferred()
+        if self._deferred_bad is None:
             return
-        flags, self._deferred = torch.stack([f.cpu() for f in self._deferred]), []
-        bad = (~flags).nonzero()
-        if bad.numel():
+        bad, self._deferred_bad = int(self._deferred_bad), None  # one host read for all the deferred checks
+        if bad:
             raise ValueError(
-                f"{int(bad[:, 0].unique().numel())} training step(s) since the last check had invalid per-sample "
+                f"{bad} training step(s) since the last check had invalid per-sample "
                 "weights or losses (checked late because `sync_checks=False`; their state changes were kept). "
                 "Rerun with `sync_checks=True` to stop at the first bad step."
             )

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_reweight.callbacks._groups import GroupCallback
 from lightning_reweight.callbacks.base import GlobalBatch
+from lightning_reweight.callbacks.logging import to_host
 from lightning_reweight.losses import FEBSDiceLoss
 from lightning_reweight.rules.fairness import (
     febs_group_scales,
@@ -186,10 +187,11 @@ class FairErrorBoundScaling(GroupCallback):
     def log_extras(self) -> dict[str, float]:
         self._fold_steps()
         out: dict[str, float] = {}
-        if self.errors is not None and self.seen is not None:
-            out.update({f"error/group_{g}": float(self.errors[g]) for g in self.seen.nonzero().flatten().tolist()})
-        if self._last_scales is not None:
-            scales, present = self._last_scales
+        scales, present = self._last_scales if self._last_scales is not None else (None, None)
+        errors, seen, scales, present = to_host(self.errors, self.seen, scales, present)  # one transfer on a GPU
+        if errors is not None and seen is not None:
+            out.update({f"error/group_{g}": float(errors[g]) for g in seen.nonzero().flatten().tolist()})
+        if scales is not None and present is not None:
             out.update({f"scale/group_{g}": float(scales[g]) for g in present.nonzero().flatten().tolist()})
         return out
 

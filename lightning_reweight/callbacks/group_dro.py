@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_reweight.callbacks._groups import GroupCallback
 from lightning_reweight.callbacks.base import GlobalBatch
+from lightning_reweight.callbacks.logging import to_host
 from lightning_reweight.rules.fairness import (
     dro_adjustment,
     group_dro_update,
@@ -184,10 +185,11 @@ class GroupDRO(GroupCallback):
 
     def log_extras(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self.q is not None:
-            out.update({f"q/group_{g}": float(v) for g, v in enumerate(self.q.tolist())})
-        if self._last_group_loss is not None:
-            loss, counts = self._last_group_loss
+        loss, counts = self._last_group_loss if self._last_group_loss is not None else (None, None)
+        q, loss, counts = to_host(self.q, loss, counts)  # one transfer on a GPU
+        if q is not None:
+            out.update({f"q/group_{g}": float(v) for g, v in enumerate(q.tolist())})
+        if loss is not None and counts is not None:
             out.update({f"loss/group_{g}": float(loss[g]) for g in counts.nonzero().flatten().tolist()})
         return out
 

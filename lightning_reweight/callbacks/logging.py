@@ -22,6 +22,27 @@ from torch import Tensor
 from lightning_reweight.rules.instance import effective_sample_size
 
 
+def to_host(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors on the CPU, with their shapes and dtypes, copied in one transfer (one host synchronisation on
+    a GPU, not one per tensor or per value read); CPU tensors and ``None`` come back as they are.
+
+    The device tensors travel as one float64 buffer: exact for floats up to float64 and for integers and group
+    ids below 2**53."""
+    on_device = [t for t in tensors if t is not None and t.device.type != "cpu"]
+    if not on_device:
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in on_device]).cpu()
+    out, pos = [], 0
+    for t in tensors:
+        if t is None or t.device.type == "cpu":
+            out.append(t)
+            continue
+        n = t.numel()
+        out.append(flat[pos:pos + n].reshape(t.shape).to(t.dtype))
+        pos += n
+    return out
+
+
 def weight_summary(weights: Tensor) -> dict[str, float]:
     """``mean``, ``max``, ``min``, ``ess`` (Kish) and ``ess_frac`` (ESS / count) of a weight vector."""
     w = weights.detach().float().reshape(-1)
@@ -92,7 +113,9 @@ def log_weight_stats(
     step: int | None = None,
 ) -> dict[str, float]:
     """Log ``{prefix}/mean|max|min|ess|ess_frac`` (+ ``{prefix}/group_{g}/mean`` and ``/mass``) and a
-    ``{prefix}/weights`` histogram. Returns the scalar dict (also handy in tests)."""
+    ``{prefix}/weights`` histogram. Returns the scalar dict (also handy in tests). Weights and groups on a GPU
+    are copied to the host once (``to_host``) and summarised there."""
+    weights, groups = to_host(weights, groups)
     stats = weight_summary(weights)
     if groups is not None and groups.numel() == weights.numel():
         w = weights.detach().float().reshape(-1)

@@ -150,3 +150,30 @@ def test_a_failing_commit_says_which_callbacks_already_committed(tmp_path):
     with pytest.raises(RuntimeError, match=r"BrokenCommit.on_weights_computed failed.*already committed this step: "
                                            r"Stateful\. Their state includes this step"):
         reduce_loss(module, LOSSES.clone().requires_grad_(), INDEX)
+
+
+def test_deferred_checks_fold_on_the_device_and_read_back_once(monkeypatch):
+    """sync_checks=False keeps each step's 0-d check; every DEFERRED_FOLD of them fold into one count on their
+    device (a long epoch keeps O(1) tensors, none read), and ``check_deferred`` reads that count once."""
+    import lightning_reweight.callbacks.base as base
+
+    cb = Proposes(None, sync_checks=False)
+    bad_steps = {5, 300, 301, 999}
+    for step in range(1000):
+        cb.defer_check(torch.tensor(step not in bad_steps))
+        assert len(cb._deferred) < base.DEFERRED_FOLD
+    with pytest.raises(ValueError, match=r"^4 training step\(s\)"):
+        cb.check_deferred()
+    cb.check_deferred()  # reported once, then clean
+    assert cb._deferred == [] and cb._deferred_bad is None
+
+    # on a device (meta: any read raises) folding reads nothing; check_deferred reads one value
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t.device.type) or 0)
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: (_ for _ in ()).throw(AssertionError("a host read")))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: (_ for _ in ()).throw(AssertionError("a copy")))
+    for _ in range(2 * base.DEFERRED_FOLD + 3):
+        cb.defer_check(torch.ones((), dtype=torch.bool, device="meta"))
+    assert reads == [] and len(cb._deferred) == 3 and cb._deferred_bad.device.type == "meta"
+    cb.check_deferred()
+    assert reads == ["meta"]
