@@ -52,7 +52,7 @@ def main() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_reweight import IndexedDataset, LossReweighting, SampleStateTable
-    from lightning_reweight.models.classifier import ImageClassifier  # not the package: no smp import
+    from lightning_reweight.models import ImageClassifier
 
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("overhead.py --accelerator gpu: no CUDA device (torch.cuda.is_available() is False)")

@@ -335,10 +335,8 @@ class WeightingCallback(Callback):
             return
         bad = (~torch.stack(self._deferred)).sum()
         self._deferred = []
-        if self._deferred_bad is not None and self._deferred_bad.device != bad.device:
-            bad = bad + self._deferred_bad.to(bad.device)  # a device change (rare): one copy
-        elif self._deferred_bad is not None:
-            bad = bad + self._deferred_bad
+        if self._deferred_bad is not None:  # (a copy only if the module moved to another device since)
+            bad = bad + self._deferred_bad.to(bad.device)
         self._deferred_bad = bad
 
     def check_deferred(self) -> None:

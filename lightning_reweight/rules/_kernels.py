@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from lightning_reweight._numba import jit as _jit
+from lightning_reweight.state._kernels import hash_slots
 
 _LOG2 = math.log(2.0)
 # log of the smallest positive normal float32 (``rules.adawac._LOG_TINY``)
@@ -119,28 +120,14 @@ def adawac_step(beta_sup: np.ndarray, beta_cons: np.ndarray, index: np.ndarray, 
     are equal up to float64 rounding, far below the float32 the β are stored in.
     """
     b = index.shape[0]
-    size = 4
-    while size < 2 * b:
-        size *= 2
-    bits = 0
-    while (1 << bits) < size:
-        bits += 1
-    mask = size - 1
-    keys = np.full(size, -1, dtype=np.int64)
-    slot_of = np.empty(b, dtype=np.int64)
-    step = np.zeros(size)
-    distinct = 0
+    slot_of, keys = hash_slots(index)
+    step = np.zeros(keys.shape[0])
     for i in range(b):
-        k = index[i]
-        # Fibonacci hashing: strided index patterns do not pile into one run of slots
-        h = np.int64((np.uint64(k) * np.uint64(11400714819323198485)) >> np.uint64(64 - bits)) & mask
-        while keys[h] != -1 and keys[h] != k:
-            h = (h + 1) & mask
-        if keys[h] == -1:
-            keys[h] = k
+        step[slot_of[i]] += eta * (np.float64(loss_sup[i]) - np.float64(loss_cons[i]))
+    distinct = 0
+    for h in range(keys.shape[0]):
+        if keys[h] != -1:
             distinct += 1
-        slot_of[i] = h
-        step[h] += eta * (np.float64(loss_sup[i]) - np.float64(loss_cons[i]))
     for i in range(b):
         k = index[i]
         s, c = np.float64(beta_sup[k]), np.float64(beta_cons[k])

@@ -144,8 +144,9 @@ def _advance(col: np.ndarray, index: np.ndarray, mult: np.ndarray, wrap32: bool)
 
 
 @_jit
-def _hash_multiplicity(index: np.ndarray, mult: np.ndarray) -> None:
-    """Each position's multiplicity without a count column: an O(batch) open-addressing hash of the rows."""
+def hash_slots(index: np.ndarray) -> tuple:
+    """Each batch position's slot in an O(batch) open-addressing hash of its row (no O(N) scratch, no sort):
+    ``(slot_of, keys)``, ``keys[slot]`` being the row there (-1: free); positions of one row share a slot."""
     b = index.shape[0]
     size = 4
     while size < 2 * b:
@@ -155,7 +156,6 @@ def _hash_multiplicity(index: np.ndarray, mult: np.ndarray) -> None:
         bits += 1
     mask = size - 1
     keys = np.full(size, -1, dtype=np.int64)
-    cnt = np.zeros(size, dtype=np.int64)
     slot_of = np.empty(b, dtype=np.int64)
     for i in range(b):
         k = index[i]
@@ -164,9 +164,18 @@ def _hash_multiplicity(index: np.ndarray, mult: np.ndarray) -> None:
         while keys[h] != -1 and keys[h] != k:
             h = (h + 1) & mask
         keys[h] = k
-        cnt[h] += 1
         slot_of[i] = h
-    for i in range(b):
+    return slot_of, keys
+
+
+@_jit
+def _hash_multiplicity(index: np.ndarray, mult: np.ndarray) -> None:
+    """Each position's multiplicity without a count column (``hash_slots``)."""
+    slot_of, keys = hash_slots(index)
+    cnt = np.zeros(keys.shape[0], dtype=np.int64)
+    for i in range(index.shape[0]):
+        cnt[slot_of[i]] += 1
+    for i in range(index.shape[0]):
         mult[i] = cnt[slot_of[i]]
 
 

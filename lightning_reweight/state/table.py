@@ -163,9 +163,15 @@ def _probe_lerp(kernels: Any) -> bool | None:
 
 _KERNELS = LazyKernels("lightning_reweight.state._kernels", on_import=_set_lerp_fused)
 
+
+def _value_dtype(col: Tensor) -> torch.dtype:
+    """The dtype a column's values are merged in: its own when floating, float32 for an integer column."""
+    return col.dtype if col.is_floating_point() else torch.float32
+
+
 def _as_column(val: Tensor, col: Tensor, device: torch.device) -> Tensor:
-    """``val`` as a flat, detached tensor in ``col``'s float dtype on ``device`` (float32 for an integer column)."""
-    return val.detach().reshape(-1).to(device, col.dtype if col.is_floating_point() else torch.float32)
+    """``val`` as a flat, detached tensor in ``_value_dtype(col)`` on ``device``."""
+    return val.detach().reshape(-1).to(device, _value_dtype(col))
 
 
 def _same_spec(a: Column, b: Column) -> bool:
@@ -376,19 +382,21 @@ class SampleStateTable:
             # (B, k): each column's values rounded to its dtype first, then summed in float64 (a tensor given
             # for several columns of one dtype, e.g. the loss and its EMA, is converted once)
             converted: dict[tuple[int, torch.dtype], Tensor] = {}
+            parts = []
             for name in merged:
                 val, col = values[name], self.columns[name]
                 key = (id(val), col.dtype)
                 if key not in converted:
                     converted[key] = _as_column(val, col, self.device).double()
-            vs = torch.stack([converted[(id(values[name]), self.columns[name].dtype)] for name in merged], 1)[perm]
+                parts.append(converted[key])
+            vs = torch.stack(parts, 1)[perm]
             csum = torch.cat([vs.new_zeros(1, len(merged)), torch.cumsum(vs, 0)])
             # a sample seen once keeps its value exactly; duplicates take their mean
             means = torch.where((occurrences == 1).unsqueeze(1), vs,
                                 (csum[right] - csum[left]) / occurrences.unsqueeze(1))
             for j, name in enumerate(merged):
                 spec, col = self.specs[name], self.columns[name]
-                mean = means[:, j].to(torch.float32 if not col.is_floating_point() else col.dtype).to(col.dtype)
+                mean = means[:, j].to(_value_dtype(col)).to(col.dtype)
                 if spec.kind == "last":
                     col.index_put_((sorted_index,), mean)
                 else:  # ema; NaN (never seen) entries take the first value
