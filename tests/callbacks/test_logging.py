@@ -41,11 +41,11 @@ def test_to_host_one_transfer_keeps_shapes_dtypes_and_cpu_tensors(monkeypatch):
     assert copies == [13]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the float64 buffer round trip through a "
+                                                          "real device")
 def test_to_host_is_exact_for_large_ids_and_float64():
     x = torch.tensor([2**52 + 1, -3], dtype=torch.int64)
     y = torch.tensor([0.1, 1e300], dtype=torch.float64)
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA: the float64 buffer round trip through a real device")
     xs, ys = to_host(x.cuda(), y.cuda())
     assert torch.equal(xs, x) and torch.equal(ys, y)
 
