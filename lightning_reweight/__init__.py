@@ -13,7 +13,8 @@ from lightning_reweight.callbacks import (
     Tent,
     WeightingCallback,
 )
-from lightning_reweight.contract import MissingIndexError, reduce_loss
+from lightning_reweight.contract import MissingIndexError, StepInputError, reduce_loss
+from lightning_reweight.doors import Reweighter
 from lightning_reweight.data import IndexedDataset, SamplingDataModule, indexed_collate
 from lightning_reweight.rules import create_rule
 from lightning_reweight.samplers import RS2Sampler, WeightedSampler
@@ -30,6 +31,8 @@ __all__ = [
     "GroupDRO",
     "ImportanceSampling",
     "RS2Sampler",
+    "Reweighter",
+    "StepInputError",
     "SamplerState",
     "SamplingDataModule",
     "Tent",

@@ -42,6 +42,19 @@ def gather_sizes(n: int, device: torch.device | None = None) -> list[int]:
     return [int(s) for s in sizes]
 
 
+def gather_sizes_and_codes(n: int, code: int, device: torch.device | None = None) -> tuple[list[int], list[int]]:
+    """Every rank's row count and a small status code (e.g. "this rank refused its inputs"), in the one
+    collective that exchanges the sizes."""
+    if not is_distributed():
+        return [n], [code]
+    device = device or (_device_for_backend(torch.empty(0)))
+    mine = torch.tensor([n, code], dtype=torch.int64, device=device)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    pairs = torch.stack(parts).tolist()
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def gather_rows(tensors: list[Tensor], sizes: list[int] | None = None) -> tuple[list[Tensor], list[int]]:
     """All-gather detached per-sample tensors (first dim = batch) from every rank, concatenated by rank.
 

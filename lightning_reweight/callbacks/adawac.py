@@ -217,8 +217,7 @@ class AdaWAC(WeightingCallback):
 
     # ------------------------------------------------------------------ logging
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def log_step(self, trainer: Any, pl_module: Any) -> None:
         """Every ``log_every_n_steps``: the batch's β_sup statistics and mean losses (O(batch))."""
         if self._last is None:
             return
@@ -236,6 +235,7 @@ class AdaWAC(WeightingCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Once per epoch: β_sup over every visited sample, split label-dense / label-sparse (O(N))."""
+        super().on_train_epoch_end(trainer, pl_module)
         table = self.table
         if table is None or self.log_every_n_steps == 0:
             return

@@ -280,16 +280,21 @@ class GroupBalancing(WeightingCallback):
         self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
 
     # ------------------------------------------------------------------ logging
+    @property
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def requires_reduce_loss(self) -> bool:
+        return self.mode == "upweight"  # upsampling works through the sampler alone
+
+    @override
+    def log_step(self, trainer: Any, pl_module: Any) -> None:
         if self.mode == "upsample":  # no loss weights to log (all 1); SamplerState logs the draw distribution
             self._last = None
             return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        super().log_step(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         if self.groups is None:
             return
         tau = self.sampler.tau_for_epoch(trainer.current_epoch) if self.sampler is not None else self.tau(trainer)

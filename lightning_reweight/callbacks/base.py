@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,45 +12,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_reweight.callbacks.logging import log_weight_stats
+from lightning_reweight.engine import TWO_LINES, GlobalBatch
 from lightning_reweight.state.table import DEFAULT_COLUMNS, Column, SampleStateTable, _spec_to_dict
-from lightning_reweight.state.validate import CheckpointStateError, TrainingSetChangedError, require_keys
+from lightning_reweight.state.validate import CheckpointStateError, TrainingSetChangedError, as_int, require_keys
 
 #: deferred checks (``sync_checks=False``) kept per callback before they are folded into one count on the device
 DEFERRED_FOLD = 256
-
-
-@dataclass
-class GlobalBatch:
-    """One training step's per-sample values from every DDP rank, identical on every rank.
-
-    It lives on the losses' device when every attached callback is ``device_ready``, else on the CPU.
-
-    Attributes:
-        losses: detached float32 per-sample losses of the global batch (after any ``transform_losses``).
-        index: int64 dataset indices (or stream keys); all ``-1`` on the index-free streaming path.
-        group: int64 group ids or ``None``.
-        target: targets or ``None``.
-        extras: other per-sample tensors the module handed to ``reduce_loss`` (detached, gathered).
-        local: this rank's rows (``losses[local]`` are the local samples).
-        sizes: per-rank row counts, by global rank.
-        global_step: ``trainer.global_step`` at this step.
-    """
-
-    losses: Tensor
-    index: Tensor
-    group: Tensor | None = None
-    target: Tensor | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
-    local: slice = field(default_factory=lambda: slice(None))
-    sizes: list[int] = field(default_factory=list)
-    global_step: int = 0
-
-    @property
-    def world_size(self) -> int:
-        return max(len(self.sizes), 1)
-
-    def __len__(self) -> int:
-        return self.losses.numel()
 
 
 def infer_num_samples(trainer: pl.Trainer) -> int | None:
@@ -68,6 +34,20 @@ def infer_num_samples(trainer: pl.Trainer) -> int | None:
                 return len(dataset)
             except TypeError:
                 continue
+    return None
+
+
+def module_device(module: Any) -> torch.device | None:
+    """The device of a LightningModule (``.device``) or a plain ``nn.Module`` (its first parameter); ``None``
+    when it has neither."""
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    params = getattr(module, "parameters", None)
+    if callable(params):
+        first = next(iter(params()), None)
+        if first is not None:
+            return first.device
     return None
 
 
@@ -160,6 +140,13 @@ class WeightingCallback(Callback):
         self._deferred_bad: Tensor | None = None  # how many of the folded ones failed (0-d, on their device)
         #: the weights this callback's ``compute_weights`` returned at the last step (``None``: no opinion)
         self.last_weights: Tensor | None = None
+        #: optimizer steps counted by this callback itself outside the Trainer (Fabric's optimizer hook or a
+        #: ``Reweighter``): the step count warm-ups and schedules read there; checkpointed
+        self.optimizer_steps = 0
+        self._reduce_calls = 0  # reduce_loss steps that reached this callback (the "never called" check)
+        self._calls_at_batch_start = 0
+        self._calls_at_epoch_start = 0
+        self._batches_this_epoch = 0
 
     # ------------------------------------------------------------------ identity
     @property
@@ -246,11 +233,12 @@ class WeightingCallback(Callback):
             self._train_size = infer_num_samples(trainer)
         return self._train_size
 
-    def _table_device(self, pl_module: pl.LightningModule | None) -> torch.device:
+    def _table_device(self, pl_module: Any) -> torch.device:
         if self.device != "auto":
             return self.device
-        if self.device_ready and pl_module is not None and pl_module.device.type != "cpu":
-            return pl_module.device
+        device = module_device(pl_module)
+        if self.device_ready and device is not None and device.type != "cpu":
+            return device
         return torch.device("cpu")
 
     def ensure_table(self, trainer: pl.Trainer | None,
@@ -311,6 +299,74 @@ class WeightingCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_size = None  # the train dataloader may have been reloaded
+        self._calls_at_epoch_start, self._batches_this_epoch = self._reduce_calls, 0
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._calls_at_batch_start = self._reduce_calls
+        self._batches_this_epoch += 1
+
+    @property
+    def requires_reduce_loss(self) -> bool:
+        """Whether this callback acts only through ``reduce_loss`` (a training step that bypasses it is a mistake
+        the callback reports)."""
+        return True
+
+    def _never_called(self, where: str) -> RuntimeError:
+        return RuntimeError(
+            f"{type(self).__name__} is attached, but `training_step` {where} without calling `reduce_loss`, so "
+            "the callback never weighed a sample. Return `reduce_loss(self, losses, index)` from `training_step` "
+            "(per-sample losses with `reduction=\"none\"`):" + TWO_LINES + "or remove the callback."
+        )
+
+    def _check_reduce_called(self, outputs: Any) -> None:
+        """A training step that returned a loss without passing through ``reduce_loss`` (a step that returns
+        ``None`` skips its batch: that is allowed)."""
+        if self.requires_reduce_loss and self._reduce_calls == self._calls_at_batch_start and outputs is not None:
+            raise self._never_called("returned a loss")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # manual optimisation returns nothing: a whole epoch of batches without one reduce_loss call says it
+        done = self._batches_this_epoch
+        if self.requires_reduce_loss and done and self._reduce_calls == self._calls_at_epoch_start:
+            raise self._never_called(f"ran {done} batch(es) of epoch {trainer.current_epoch}")
+
+    # ------------------------------------------------------------------ outside the Trainer
+    def on_after_optimizer_step(self, strategy: Any = None, optimizer: Any = None) -> None:
+        """Lightning Fabric calls this after every ``optimizer.step()`` of a Fabric optimizer: the callback counts
+        the optimizer steps itself (``optimizer_steps``), which its warm-up and schedules read outside the
+        Trainer. (The Trainer never calls it; ``trainer.global_step`` counts there.)"""
+        self.optimizer_steps += 1
+
+    def start_outside_trainer(self, ctx: Any, module: Any) -> None:
+        """What the Trainer's ``on_train_start`` does, for a door without the Trainer (Fabric, a ``Reweighter``):
+        called once before the callback's first step there."""
+        self.on_train_start(ctx, module)
+
+    def outside_trainer_refusal(self) -> str | None:
+        """Why this callback cannot run outside the Trainer's loops (``None``: it can), with what to use there."""
+        return None
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Validate a ``state_dict()`` entry without assigning anything (raises ``CheckpointStateError``)."""
+        probe = type(self).__new__(type(self))
+        probe.__dict__.update(self.__dict__)
+        probe.table = None  # the probe must not adopt the live table's storage
+        probe._pending_table_state = None
+        probe.load_state_dict(state_dict)
+
+    def log_step(self, ctx: Any, module: Any) -> None:
+        """Log the last committed step's weights at this callback's cadence (the Trainer does it in
+        ``on_train_batch_end``; the other doors right after the step)."""
+        if self._last is None:
+            return
+        gbatch, weights = self._last
+        self._last = None
+        if self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0:
+            log_weight_stats(ctx, module, self.prefix, weights, gbatch.group, histogram=self.log_histogram,
+                             extra=self.log_extras(), step=gbatch.global_step)
 
     def host_checks(self, batch: GlobalBatch) -> bool:
         """Whether this step may read a check's result back to the host now: on the CPU (a cheap read) or
@@ -367,14 +423,9 @@ class WeightingCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._last is None:
-            return
-        gbatch, weights = self._last
-        self._last = None
+        self._check_reduce_called(outputs)
         # global_step already advanced for this batch; log on the step that produced the weights
-        if self.log_every_n_steps > 0 and gbatch.global_step % self.log_every_n_steps == 0:
-            log_weight_stats(trainer, pl_module, self.prefix, weights, gbatch.group, histogram=self.log_histogram,
-                             extra=self.log_extras(), step=gbatch.global_step)
+        self.log_step(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpointing
     @override
@@ -389,7 +440,7 @@ class WeightingCallback(Callback):
             table = {"num_samples": n, "columns": dict(cols), "specs": {k: _spec_to_dict(v) for k, v in specs.items()}}
         else:
             table = None
-        return {"table": table, "extra": self.extra_state()}
+        return {"table": table, "extra": self.extra_state(), "optimizer_steps": self.optimizer_steps}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -409,7 +460,9 @@ class WeightingCallback(Callback):
                 )
         if not isinstance(extra, Mapping):
             raise CheckpointStateError(where, "extra", f"expected a dict, but got {type(extra).__name__}.")
+        steps = as_int(state_dict, "optimizer_steps", where, minimum=0) if "optimizer_steps" in state_dict else 0
         self.load_extra_state(dict(extra))  # validates all of its entries, then assigns
+        self.optimizer_steps = steps
         if validated is not None:
             if self.table is not None:
                 self.table._adopt(validated[1], validated[2])

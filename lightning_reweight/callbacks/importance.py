@@ -266,6 +266,7 @@ class ImportanceSampling(WeightingCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         if self.sampler is None or self.table is None:
             return
         if self._draws.numel() and float(self._draws.sum()) > 0:  # this epoch's empirical class frequencies

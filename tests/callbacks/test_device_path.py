@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lightning_reweight.contract as contract
+import lightning_reweight.engine as contract
 from lightning_reweight import (
     AdaWAC,
     FairErrorBoundScaling,
@@ -20,7 +20,7 @@ from lightning_reweight import (
     LossReweighting,
     reduce_loss,
 )
-from lightning_reweight.contract import _batch_device
+from lightning_reweight.engine import _batch_device
 
 from ..core.conftest import TinyModule
 from ..core.test_contract import _attach

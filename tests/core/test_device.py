@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_reweight import WeightingCallback, reduce_loss
-from lightning_reweight.contract import _batch_device
+from lightning_reweight.engine import _batch_device
 
 from .conftest import TinyModule
 from .test_contract import _attach

@@ -1,0 +1,67 @@
+"""2 processes (gloo) without Lightning: a plain loop with a ``Reweighter``; then the refusals that must stop
+every rank together (one rank's bad input, one key on two ranks)."""
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lightning_reweight import LossReweighting, Reweighter, StepInputError
+from tests.doors._common import N, Tiny, data, global_batches
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the test reads the type and message
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def main(rank: int, world: int, port: int, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cb = LossReweighting("linupper", warmup_steps=2, num_samples=N, log_every_n_steps=1)
+    module = Tiny()
+    model = torch.nn.parallel.DistributedDataParallel(module)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    reweighter = Reweighter([cb], model=model)
+    x, y = data()
+    for index in global_batches(2):
+        local = index[rank::world]
+        loss = reweighter.reduce(F.cross_entropy(model(x[local]), y[local], reduction="none"), local)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save({k: v.clone() for k, v in cb.table.state_dict()["columns"].items()}, out / f"table_{rank}.pt")
+    before = cb.table["weight"].clone()
+    results = {}
+    # one rank's float index: that rank raises its TypeError, the other a StepInputError naming it
+    index = torch.arange(4) + 4 * rank
+    bad = index.float() if rank == 1 else index
+    results["float_index"] = _outcome(lambda: reweighter.reduce(F.cross_entropy(model(x[index]), y[index],
+                                                                                reduction="none"), bad))
+    # one rank's losses without gradient
+    with torch.no_grad() if rank == 0 else torch.enable_grad():
+        losses = F.cross_entropy(model(x[index]), y[index], reduction="none")
+    results["no_grad"] = _outcome(lambda: reweighter.reduce(losses, index))
+    # every rank reads the same data: the same keys on both ranks
+    same = torch.arange(4)
+    results["same_keys"] = _outcome(lambda: reweighter.reduce(F.cross_entropy(model(x[same]), y[same],
+                                                                              reduction="none"), same))
+    results["unchanged"] = bool(torch.equal(before, cb.table["weight"]))
+    assert StepInputError is not None
+    (out / f"refusals_{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(main, args=(2, port, out), nprocs=2)

@@ -1,0 +1,64 @@
+"""A tiny classification problem run through every door on the same global batches."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_reweight import reduce_loss
+
+N, D, C, BATCH = 24, 5, 3, 8  # 3 global batches per epoch
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+
+
+def global_batches(epochs: int = 2) -> list[torch.Tensor]:
+    """The global index batches of every step (a fixed order: epoch e visits a fixed permutation)."""
+    out = []
+    for e in range(epochs):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(100 + e))
+        out += [order[i:i + BATCH] for i in range(0, N, BATCH)]
+    return out
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(D, C)
+        self.x, self.y = data()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def per_sample(self, index):
+        return F.cross_entropy(self(self.x[index]), self.y[index], reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        (index,) = batch
+        return reduce_loss(self, self.per_sample(index), index)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class FixedBatches(torch.utils.data.Dataset):
+    """One item per step: this rank's share ``global[rank::world]`` of that step's global batch."""
+
+    def __init__(self, batches, rank=0, world=1):
+        self.batches = [b[rank::world] for b in batches]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return (self.batches[i],)
+
+
+def collate(items):
+    return items[0]
