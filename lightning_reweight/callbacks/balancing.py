@@ -151,7 +151,15 @@ class GroupBalancing(WeightingCallback):
 
     def _ensure_groups(self, trainer: pl.Trainer) -> None:
         if self.groups is None:
-            self._set_groups(train_dataset(trainer.train_dataloader))
+            dataset = train_dataset(getattr(trainer, "train_dataloader", None))
+            if dataset is None:
+                raise ValueError(
+                    f"{type(self).__name__} reads every training sample's group id from the train dataloader's "
+                    "data set, but the run has none. Outside the Trainer pass it to the door: "
+                    "`Reweighter([...], train_dataloader=loader)` (Fabric: "
+                    "`Reweighter.for_fabric(fabric, train_dataloader=loader)`)."
+                )
+            self._set_groups(dataset)
 
     @staticmethod
     def _total_steps_for(trainer: pl.Trainer, batches_per_epoch: int) -> int:
@@ -280,6 +288,14 @@ class GroupBalancing(WeightingCallback):
         self._draws = counts if self._draws.numel() != counts.numel() else self._draws + counts
 
     # ------------------------------------------------------------------ logging
+    @override
+    def outside_trainer_refusal(self) -> str | None:
+        if self.mode == "upsample":
+            return ("mode='upsample' installs its sampler into the Trainer's train dataloader. Outside the Trainer, "
+                    "build the sampler yourself (`lightning_reweight.samplers.TemperatureSampler(group_ids, tau=...)` "
+                    "in your DataLoader), or use mode='upweight'.")
+        return None
+
     @property
     @override
     def requires_reduce_loss(self) -> bool:

@@ -178,6 +178,12 @@ class ImportanceSampling(WeightingCallback):
         return self.sampler
 
     @override
+    def outside_trainer_refusal(self) -> str | None:
+        return ("it installs its sampler into the Trainer's train dataloader and refreshes it at the Trainer's "
+                "epoch ends. Outside the Trainer, draw with `lightning_reweight.samplers.ImportanceSampler` and "
+                "set its probabilities yourself, or train with the Trainer.")
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             install_sampler(trainer, self._make_sampler, owner=type(self).__name__)

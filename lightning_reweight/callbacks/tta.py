@@ -262,6 +262,11 @@ class EntropyAdaptation(Callback):
         self.counters["resets"] += 1
 
     # ------------------------------------------------------------------ Lightning hooks
+    def outside_trainer_refusal(self) -> str | None:
+        """Test-time adaptation runs inside ``trainer.test`` / ``trainer.predict`` only."""
+        return ("test-time adaptation adapts the model inside `trainer.test()` / `trainer.predict()`; it has no "
+                "training step to weigh. Remove it from the training loop's callbacks and run it with a Trainer.")
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn enum

@@ -112,6 +112,10 @@ class Reweighter:
         accumulate_grad_batches: ``reduce`` calls per optimizer step.
         allow_repeated_keys: accept the same key on two ranks in one step (a sampler that draws with
             replacement); otherwise such a step is refused, since it usually means every rank reads the same data.
+        samplers: the library's samplers feeding the loop (``WeightedSampler`` and its kind): each accepted step
+            advances their position by this rank's batch, so ``sampler.state_dict()`` (saved with the rest, e.g.
+            ``fabric.save(path, {..., "sampler": sampler})``) resumes the epoch exactly. Samplers that draw with
+            replacement also allow repeated keys.
 
     Example::
 
@@ -123,7 +127,8 @@ class Reweighter:
 
     def __init__(self, callbacks: Sequence[WeightingCallback], *, model: Any = None, loggers: Iterable[Any] = (),
                  train_dataloader: Any = None, max_steps: int = -1, max_epochs: int | None = None,
-                 accumulate_grad_batches: int = 1, allow_repeated_keys: bool = False, _fabric: Any = None) -> None:
+                 accumulate_grad_batches: int = 1, allow_repeated_keys: bool = False, samplers: Iterable[Any] = (),
+                 _fabric: Any = None) -> None:
         callbacks = list(callbacks)
         for cb in callbacks:
             if not isinstance(cb, WeightingCallback):
@@ -143,6 +148,11 @@ class Reweighter:
         self.context = LoopContext(callbacks, fabric=_fabric, loggers=loggers, train_dataloader=train_dataloader,
                                    max_steps=max_steps, max_epochs=max_epochs,
                                    accumulate_grad_batches=accumulate_grad_batches, module=model)
+        self.samplers = list(samplers)
+        for sampler in self.samplers:
+            if not callable(getattr(sampler, "set_cursor", None)):
+                raise TypeError(f"Expected the library's resumable samplers (e.g. WeightedSampler) in `samplers`, "
+                                f"but got {type(sampler).__name__}, whose position cannot be tracked.")
         self.micro_steps = 0
         self._started: set[int] = set()
 
@@ -160,6 +170,8 @@ class Reweighter:
             for key, value in kwargs.items():
                 if key == "allow_repeated_keys":
                     door.allow_repeated_keys = bool(value)
+                elif key == "samplers":
+                    door.samplers = list(value)
                 elif key == "model":
                     door.model = value
                 elif hasattr(door.context, key):
@@ -210,7 +222,10 @@ class Reweighter:
                 self._started.add(id(cb))
         loss = run_step(callbacks, ctx, module if module is not None else _DeviceOf(losses.device), losses,
                         index, group=group, target=target, extras=extras, rank=ctx.global_rank,
-                        global_step=ctx.global_step, allow_repeated_keys=self.allow_repeated_keys)
+                        global_step=ctx.global_step, allow_repeated_keys=self.allow_repeated_keys
+                        or any(getattr(s, "replacement", False) for s in self.samplers))
+        for sampler in self.samplers:  # this rank consumed its batch of the sampler's epoch
+            sampler.set_cursor(sampler.cursor + losses.shape[0])
         self.micro_steps += 1
         if self._fabric is None and self.micro_steps % ctx.accumulate_grad_batches == 0:
             for cb in callbacks:  # under Fabric the optimizer's own hook counts (on_after_optimizer_step)

@@ -664,6 +664,14 @@ class WeightedSampler(Sampler[int]):
         """Select the epoch of the next ``iter()`` (called by Lightning every epoch). Moving to a new epoch
         resets the cursor and discards a pending mid-epoch resume of another epoch."""
         epoch = int(epoch)
+        if self._resume is not None and self._resume.start > 0 and epoch < self._resume.epoch:
+            raise RuntimeError(
+                f"set_epoch({epoch}) would discard the restored position in epoch {self._resume.epoch} (sample "
+                f"{self._resume.start} of {self._resume.total}) and replay earlier epochs. Set the restored epoch "
+                f"(`sampler.set_epoch({self._resume.epoch})`) before iterating. Under Lightning Fabric, "
+                "`fabric.setup_dataloaders` sets the epoch to its own count of iter() calls, which restarts at 0 in "
+                "a resumed process: iterate the plain DataLoader and call `set_epoch` yourself."
+            )
         if epoch != self.epoch:
             self.cursor = 0
         if self._resume is not None and self._resume.epoch != epoch:

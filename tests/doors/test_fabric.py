@@ -153,3 +153,92 @@ def test_two_process_fabric_equals_one_process(tmp_path, world):
         for name, col in single[0].table.state_dict()["columns"].items():
             torch.testing.assert_close(table[name], col, equal_nan=True, msg=name, rtol=1e-5, atol=1e-6)
     assert BATCH % world == 0
+
+
+@pytest.mark.parametrize("make, fix", [
+    (lambda: __import__("lightning_reweight").GroupBalancing(mode="upsample"), r"TemperatureSampler"),
+    (lambda: __import__("lightning_reweight").ImportanceSampling(num_samples=N), r"ImportanceSampler"),
+    (lambda: __import__("lightning_reweight").EATA(), r"trainer.test\(\)"),
+])
+def test_callbacks_that_need_the_trainer_refuse_under_fabric(make, fix):
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[LossReweighting(num_samples=N), make()])
+    model = fabric.setup(Tiny())
+    with pytest.raises(RuntimeError, match=r"cannot run in Lightning Fabric: .*" + fix):
+        reduce_loss(model, torch.rand(4, requires_grad=True), torch.arange(4))
+
+
+def test_upweighting_reads_groups_from_the_loader_the_door_is_given():
+    from lightning_reweight import GroupBalancing, IndexedDataset
+
+    groups = torch.tensor([0] * 18 + [1] * 6)
+    dataset = IndexedDataset(torch.utils.data.TensorDataset(torch.zeros(N, 1)), groups=groups)
+    cb = GroupBalancing(mode="upweight", tau=float("inf"))
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[cb])
+    model = fabric.setup(Tiny())
+    losses = torch.rand(4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"group id.*train_dataloader=loader"):
+        reduce_loss(model, losses, torch.arange(4))
+    Reweighter.for_fabric(fabric, train_dataloader=torch.utils.data.DataLoader(dataset, batch_size=4))
+    index = torch.tensor([0, 1, 20, 21])
+    reduce_loss(model, losses, index, group=groups[index])
+    torch.testing.assert_close(cb.last_weights[2] / cb.last_weights[0], torch.tensor(3.0))  # 18 vs 6 samples
+
+
+def _sampled_run(tmp_path, stop=None, resume=None):
+    """Fabric + WeightedSampler + LossReweighting; returns the indices drawn and the callback."""
+    from lightning_reweight import IndexedDataset, WeightedSampler
+
+    cb = LossReweighting("linupper", warmup_steps=1, num_samples=N)
+    sampler = WeightedSampler(torch.linspace(1, 3, N), num_samples=N, replacement=False, seed=3)
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[cb])
+    Reweighter.for_fabric(fabric, samplers=[sampler])
+    model = fabric.setup(Tiny())
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = data()
+    # not `fabric.setup_dataloaders`: its loader sets the sampler's epoch to its own iter() count, which restarts
+    # at 0 in a resumed process (the sampler refuses that, see below); set the epoch here instead
+    loader = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(x, y)), batch_size=4,
+                                         sampler=sampler)
+    seen, step = [], 0
+    if resume is not None:
+        step = fabric.load(resume, {"model": model, "optimizer": optimizer, "reweight": cb, "sampler": sampler})["step"]
+    for epoch in range(step // 6, 2):
+        sampler.set_epoch(epoch)
+        for xb, yb, index in loader:
+            if stop is not None and step == stop:
+                fabric.save(tmp_path / "mid.ckpt", {"model": model, "optimizer": optimizer, "reweight": cb,
+                                                    "sampler": sampler, "step": step})
+                return seen, cb
+            loss = reduce_loss(model, F.cross_entropy(model(xb), yb, reduction="none"), index)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            seen.append(index)
+            step += 1
+    return seen, cb
+
+
+def test_fabric_resumes_the_sampler_mid_epoch_exactly(tmp_path):
+    full, full_cb = _sampled_run(tmp_path)
+    head, _ = _sampled_run(tmp_path, stop=8)  # epoch 1, batch 2 of 6
+    tail, cb = _sampled_run(tmp_path, resume=tmp_path / "mid.ckpt")
+    assert torch.equal(torch.cat(head + tail), torch.cat(full))  # nothing skipped or replayed
+    _same_tables(cb, full_cb)
+
+
+def test_fabric_loader_resetting_the_epoch_after_a_resume_is_refused(tmp_path):
+    from lightning_reweight import IndexedDataset
+
+    from lightning_reweight import WeightedSampler
+
+    _sampled_run(tmp_path, stop=8)
+
+    sampler = WeightedSampler(torch.linspace(1, 3, N), num_samples=N, replacement=False, seed=3)
+    fabric = Fabric(accelerator="cpu", devices=1)
+    sampler.load_state_dict(torch.load(tmp_path / "mid.ckpt", weights_only=False)["sampler"])
+    x, y = data()
+    loader = fabric.setup_dataloaders(
+        torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(x, y)), batch_size=4,
+                                    sampler=sampler), use_distributed_sampler=False)
+    with pytest.raises(RuntimeError, match=r"set_epoch\(0\) would discard the restored position.*epoch 1"):
+        next(iter(loader))
