@@ -58,7 +58,7 @@ def _trainer_door(trainer: pl.Trainer, module: pl.LightningModule, losses: Tenso
     """The Trainer's door: the callbacks of ``trainer.callbacks``, the Trainer as the context."""
     callbacks = weighting_callbacks(trainer)
     if not callbacks or not trainer.training:
-        return losses.mean()
+        return check_per_sample(losses).mean()
     return run_step(callbacks, trainer, module, losses, index, group=group, target=target, extras=extras,
                     rank=trainer.global_rank, global_step=trainer.global_step,
                     allow_repeated_keys=_draws_with_replacement(trainer))
@@ -129,7 +129,6 @@ def reduce_loss(
         if door.model is None:
             door.model = inner
         return door.reduce(losses, index, group=group, target=target, **extras_)
-    losses = check_per_sample(losses)
     if not isinstance(module, pl.LightningModule):
         raise TypeError(
             f"Expected `reduce_loss(module, ...)` to get a LightningModule, a Lightning `Fabric` or a "
@@ -140,5 +139,5 @@ def reduce_loss(
         )
     trainer = getattr(module, "_trainer", None)
     if trainer is None:  # not attached to a Trainer or a Fabric: no callbacks anywhere
-        return losses.mean()
+        return check_per_sample(losses).mean()
     return _trainer_door(trainer, module, losses, index, group, target, extras_)

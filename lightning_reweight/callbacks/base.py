@@ -323,7 +323,8 @@ class WeightingCallback(Callback):
     def _check_reduce_called(self, outputs: Any) -> None:
         """A training step that returned a loss without passing through ``reduce_loss`` (a step that returns
         ``None`` skips its batch: that is allowed)."""
-        if self.requires_reduce_loss and self._reduce_calls == self._calls_at_batch_start and outputs is not None:
+        returned = isinstance(outputs, Tensor) or (isinstance(outputs, Mapping) and outputs.get("loss") is not None)
+        if self.requires_reduce_loss and self._reduce_calls == self._calls_at_batch_start and returned:
             raise self._never_called("returned a loss")
 
     @override
@@ -423,7 +424,8 @@ class WeightingCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._check_reduce_called(outputs)
+        if getattr(pl_module, "automatic_optimization", True):  # manual optimisation: checked at the epoch end
+            self._check_reduce_called(outputs)
         # global_step already advanced for this batch; log on the step that produced the weights
         self.log_step(trainer, pl_module)
 

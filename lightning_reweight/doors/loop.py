@@ -207,12 +207,12 @@ class Reweighter:
         """Reduce per-sample ``losses`` to the scalar to back-propagate, as the callbacks decide (see
         ``lightning_reweight.reduce_loss`` for the arguments and errors). Outside training (``model.eval()``) or
         without callbacks it returns ``losses.mean()`` and changes nothing."""
-        losses = check_per_sample(losses)
         callbacks = self.callbacks
         door = "Lightning Fabric" if self._fabric is not None else "a loop without the Trainer"
         _refuse_outside_trainer(self._fabric._callbacks if self._fabric is not None else callbacks, door)
         if not callbacks or not self._training(losses):
-            return losses.mean()
+            return check_per_sample(losses).mean()
+        # the inputs are checked inside the step: under torch.distributed a refusal on one rank stops every rank
         ctx, module = self.context, self.model
         if ctx.lightning_module is None:
             ctx.lightning_module = module

@@ -45,6 +45,13 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     bad = index.float() if rank == 1 else index
     results["float_index"] = _outcome(lambda: reweighter.reduce(F.cross_entropy(model(x[index]), y[index],
                                                                                 reduction="none"), bad))
+    # one rank's (B, 2) index, then one rank's (B, 1) losses
+    wide = torch.stack([index, index], 1) if rank == 0 else index
+    results["wide_index"] = _outcome(lambda: reweighter.reduce(F.cross_entropy(model(x[index]), y[index],
+                                                                               reduction="none"), wide))
+    per_sample = F.cross_entropy(model(x[index]), y[index], reduction="none")
+    column = per_sample[:, None] if rank == 1 else per_sample
+    results["column_losses"] = _outcome(lambda: reweighter.reduce(column, index))
     # one rank's losses without gradient
     with torch.no_grad() if rank == 0 else torch.enable_grad():
         losses = F.cross_entropy(model(x[index]), y[index], reduction="none")

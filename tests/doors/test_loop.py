@@ -154,6 +154,10 @@ def test_two_processes_equal_one_and_refuse_together(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"refusals_{r}.json").read_text()) for r in range(2))
     assert r1["float_index"].startswith("TypeError") and "integer dataset index" in r1["float_index"]
     assert r0["float_index"].startswith("StepInputError") and "[1]" in r0["float_index"]
+    assert r0["wide_index"].startswith("ValueError") and "1-D" in r0["wide_index"]
+    assert r1["wide_index"].startswith("StepInputError") and "[0]" in r1["wide_index"]
+    assert r1["column_losses"].startswith("ValueError") and "1-D per-sample" in r1["column_losses"]
+    assert r0["column_losses"].startswith("StepInputError") and "[1]" in r0["column_losses"]
     assert r0["no_grad"].startswith("ValueError") and "gradient" in r0["no_grad"]
     assert r1["no_grad"].startswith("StepInputError") and "[0]" in r1["no_grad"]
     for r in (r0, r1):
