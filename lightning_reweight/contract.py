@@ -61,18 +61,24 @@ def _trainer_door(trainer: pl.Trainer, module: pl.LightningModule, losses: Tenso
         return check_per_sample(losses).mean()
     return run_step(callbacks, trainer, module, losses, index, group=group, target=target, extras=extras,
                     rank=trainer.global_rank, global_step=trainer.global_step,
-                    allow_repeated_keys=_draws_with_replacement(trainer))
+                    allow_repeated_keys=trainer.world_size > 1 and _draws_with_replacement(trainer))
 
 
 def _draws_with_replacement(trainer: pl.Trainer) -> bool:
-    """Whether the train loader's sampler may put one sample on two ranks in a step (drawing with replacement)."""
+    """Whether the train loader's sampler may put one sample on two ranks in a step (drawing with replacement);
+    looked up once per train dataloader."""
     from lightning_reweight.callbacks.sampling import find_samplers
 
+    loader = getattr(trainer, "train_dataloader", None)
+    cached = getattr(trainer, "_lightning_reweight_replacement", None)
+    if cached is not None and cached[0] is loader:
+        return cached[1]
     try:
-        samplers = find_samplers(trainer.train_dataloader)
-    except Exception:  # no loader yet (a hand-driven step in a test): nothing known
-        return False
-    return any(bool(getattr(s, "replacement", False)) for _, s in samplers)
+        found = any(bool(getattr(s, "replacement", False)) for _, s in find_samplers(loader))
+    except (TypeError, AttributeError):  # no loader yet (a hand-driven step): nothing known
+        found = False
+    trainer._lightning_reweight_replacement = (loader, found)
+    return found
 
 
 def reduce_loss(

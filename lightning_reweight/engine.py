@@ -321,7 +321,10 @@ def check_batch(callbacks: Sequence[Any], batch: GlobalBatch, local_losses: Tens
                    _fail_losses(local_losses, ""))
     if num_samples is not None:
         lo, hi = batch.index.aminmax()
-        checks.require((lo >= 0) & (hi < num_samples), _fail_range(num_samples, lo, hi))
+        if checks.host:
+            lo, hi = lo.item(), hi.item()
+        checks.require(lo >= 0 and hi < num_samples if checks.host else (lo >= 0) & (hi < num_samples),
+                       _fail_range(num_samples, lo, hi))
     ranks = batch.extras.pop(_RANK, None)
     if ranks is not None:
         # DistributedSampler pads an epoch with up to W - 1 of its first samples: only more repeats are refused
