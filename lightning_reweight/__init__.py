@@ -12,6 +12,7 @@ from lightning_reweight.callbacks import (
     SamplerState,
     Tent,
     WeightingCallback,
+    install_sampler,
 )
 from lightning_reweight.contract import MissingIndexError, reduce_loss
 from lightning_reweight.data import IndexedDataset, SamplingDataModule, indexed_collate
@@ -43,6 +44,7 @@ __all__ = [
     "WeightingCallback",
     "create_rule",
     "indexed_collate",
+    "install_sampler",
     "reduce_loss",
     "sequence_losses",
 ]
