@@ -241,7 +241,7 @@ class LossReweighting(WeightingCallback):
         self.last_ess = ess
         return weights
 
-    def _propose_valid(self, losses: Tensor, valid: Tensor) -> tuple[Tensor, Any, int | Tensor]:
+    def _propose_valid(self, losses: Tensor, valid: Tensor) -> tuple[Tensor, Any, int]:
         """The rule (and the clip) on the valid rows only: their min-max, softmax and normaliser, exactly as if the
         other rows were not in the batch; the other rows get weight 0. With no valid row every weight is 1 (there
         is nothing to weigh) and the rule's state does not move. Returns ``(weights, pending, valid rows)``.
@@ -251,7 +251,7 @@ class LossReweighting(WeightingCallback):
         rows = valid.nonzero().flatten()  # one host sync on a GPU (the number of valid rows)
         size = rows.numel()
         if size == 0:
-            return torch.ones_like(losses), None, len(losses)
+            return torch.ones_like(losses), None, 0
         part, pending = self._propose(losses.index_select(0, rows))
         if self.max_weight is not None:  # clip among the valid rows, as without the padding rows
             part = clip_weights(part, self.max_weight, renormalize=self.rule.normalized)

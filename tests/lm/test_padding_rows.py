@@ -74,8 +74,9 @@ def test_real_rows_get_the_same_weights_with_and_without_padding_rows(tmp_path, 
 def test_warmup_gives_padding_rows_weight_zero_and_all_padding_is_a_no_op(tmp_path):
     cb, model = _step(tmp_path / "w", ["r0", "pad", "r1"], warmup_steps=5)
     assert cb.last_weights.tolist() == [1.0, 0.0, 1.0]
-    cb, model = _step(tmp_path / "e", ["pad", "pad"])
-    assert cb.last_weights.tolist() == [1.0, 1.0] and model.returned == [0.0]  # nothing to weigh: no error
+    for warmup in (0, 5):
+        cb, model = _step(tmp_path / f"e{warmup}", ["pad", "pad"], warmup_steps=warmup)
+        assert cb.last_weights.tolist() == [1.0, 1.0] and model.returned == [0.0]  # nothing to weigh: no error
 
 
 def test_without_the_mask_padding_rows_count(tmp_path):
