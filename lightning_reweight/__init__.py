@@ -12,10 +12,11 @@ from lightning_reweight.callbacks import (
     SamplerState,
     Tent,
     WeightingCallback,
+    install_sampler,
 )
 from lightning_reweight.contract import MissingIndexError, StepInputError, reduce_loss
-from lightning_reweight.doors import Reweighter
 from lightning_reweight.data import IndexedDataset, SamplingDataModule, indexed_collate
+from lightning_reweight.doors import Reweighter
 from lightning_reweight.rules import create_rule
 from lightning_reweight.samplers import RS2Sampler, WeightedSampler
 from lightning_reweight.sequence import sequence_losses
@@ -46,6 +47,7 @@ __all__ = [
     "WeightingCallback",
     "create_rule",
     "indexed_collate",
+    "install_sampler",
     "reduce_loss",
     "sequence_losses",
 ]

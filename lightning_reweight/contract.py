@@ -67,7 +67,7 @@ def _trainer_door(trainer: pl.Trainer, module: pl.LightningModule, losses: Tenso
 def _draws_with_replacement(trainer: pl.Trainer) -> bool:
     """Whether the train loader's sampler may put one sample on two ranks in a step (drawing with replacement);
     looked up once per train dataloader."""
-    from lightning_reweight.callbacks.sampling import find_samplers
+    from lightning_reweight.callbacks._install import find_samplers
 
     loader = getattr(trainer, "train_dataloader", None)
     cached = getattr(trainer, "_lightning_reweight_replacement", None)

@@ -280,7 +280,9 @@ def _fail_range(num_samples: int, lo: Tensor, hi: Tensor) -> Callable[[], None]:
         raise IndexError(
             f"Expected dataset indices in [0, {num_samples}) (the training set size), but got range "
             f"[{int(lo)}, {int(hi)}]; nothing was updated. Pass the indices `IndexedDataset` adds to the "
-            "batch, unchanged, and `num_samples=len(train_dataset)` if you set it."
+            "batch, unchanged, and `num_samples=len(train_dataset)` if you set it. On a stream keyed by "
+            "`lightning_reweight.state.StreamKeys`, give the callback `num_samples=keys.num_samples` (otherwise "
+            "its table is sized from the stream's `num_keys`)."
         )
     return fail
 

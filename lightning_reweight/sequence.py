@@ -8,6 +8,13 @@ module turns token logits ``(B, T, V)`` and targets ``(B, T)`` with an ignore in
     losses = sequence_losses(logits, targets, ignore_index=-100)   # (B,)
     return reduce_loss(self, losses)                               # stream: no index needed
 
+Padding-only sequences: a sequence with no target token has loss 0; left in the batch it would be the minimum of
+the min-max rules and change the other sequences' weights. Pass the token counts on as a mask, and
+``LossReweighting`` leaves such rows out of the rule and gives them weight 0::
+
+    losses, counts = sequence_losses(logits, targets, return_counts=True)
+    return reduce_loss(self, losses, valid=counts > 0)
+
 Token- versus sequence-level weighting: with a per-sequence mean, every sequence counts equally before the
 weights, whatever its length, and a weight moves all of a sequence's tokens together (a sequence of 10 real
 tokens and one of 1000 get the same say). The usual LM loss averages over all tokens of the batch instead, so
@@ -44,9 +51,11 @@ def sequence_losses(
         reduction: ``"mean"`` over the sequence's non-ignored tokens (default; every sequence counts equally)
             or ``"sum"`` (a sequence counts in proportion to its token count).
         empty: a sequence whose tokens are all ignored has no loss. ``"zero"``: its loss is ``0`` (with
-            gradient, so it contributes nothing to the weighted sum but still counts in the batch size);
+            gradient, so it contributes nothing to the weighted sum; pass ``valid=counts > 0`` to ``reduce_loss``
+            so that it takes no part in the weights either);
             ``"error"``: raise.
-        return_counts: also return the ``(B,)`` number of non-ignored tokens per sequence.
+        return_counts: also return the ``(B,)`` number of non-ignored tokens per sequence (``counts > 0`` is the
+            ``valid=`` mask of ``reduce_loss``).
 
     Returns:
         ``(B,)`` float losses with gradient (and the counts when ``return_counts``).

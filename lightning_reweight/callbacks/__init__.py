@@ -9,7 +9,7 @@ from lightning_reweight.callbacks.importance import ImportanceSampling
 from lightning_reweight.callbacks.logging import log_histogram, log_scalars, log_weight_stats, weight_summary
 from lightning_reweight.callbacks.loss_reweighting import LossReweighting
 from lightning_reweight.callbacks.report import MetricsReport
-from lightning_reweight.callbacks.sampling import SamplerState
+from lightning_reweight.callbacks.sampling import SamplerState, ensure_sampler_state, install_sampler
 from lightning_reweight.callbacks.tta import EATA, EntropyAdaptation, Tent
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "SamplerState",
     "Tent",
     "WeightingCallback",
+    "ensure_sampler_state",
+    "install_sampler",
     "log_histogram",
     "log_scalars",
     "log_weight_stats",

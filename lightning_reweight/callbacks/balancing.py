@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_reweight.callbacks._install import train_dataset, train_loader_batch_size
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
+from lightning_reweight.callbacks.sampling import install_sampler
 from lightning_reweight.rules.balance import (
     ScheduleName,
     Shape,
@@ -23,7 +25,6 @@ from lightning_reweight.rules.balance import (
     temperature_distribution,
     upweight_factors,
 )
-from lightning_reweight.samplers._install import install_sampler, train_dataset, train_loader_batch_size
 from lightning_reweight.samplers.balanced import TemperatureSampler, Unit
 
 __all__ = ["GroupBalancing"]

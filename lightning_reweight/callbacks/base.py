@@ -14,7 +14,12 @@ from typing_extensions import override
 from lightning_reweight.callbacks.logging import log_weight_stats
 from lightning_reweight.engine import TWO_LINES, GlobalBatch
 from lightning_reweight.state.table import DEFAULT_COLUMNS, Column, SampleStateTable, _spec_to_dict
-from lightning_reweight.state.validate import CheckpointStateError, TrainingSetChangedError, as_int, require_keys
+from lightning_reweight.state.validate import (
+    CheckpointStateError,
+    TrainingSetChangedError,
+    as_int,
+    require_keys,
+)
 
 #: deferred checks (``sync_checks=False``) kept per callback before they are folded into one count on the device
 DEFERRED_FOLD = 256
@@ -197,11 +202,13 @@ class WeightingCallback(Callback):
         raise. The default records the batch in the table and keeps this callback's own weights
         (``last_weights``) for logging. ``self._repeats`` keeps where the batch's indices repeat (the table
         update's by-product on the CPU, else ``None``) for a subclass's own per-row writes of the same batch."""
-        self._repeats = None
-        if self.table is not None:
-            self._repeats = self.table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses,
-                                              weight=weights)
+        self._repeats = None if self.table is None else self.record_in_table(batch, weights)
         self._last = None if self.last_weights is None else (batch, self.last_weights)
+
+    def record_in_table(self, batch: GlobalBatch, weights: Tensor) -> Any:
+        """Write the accepted step into the per-sample table (``loss``, ``ema_loss``, ``count``, ``weight``);
+        returns the table update's repeats (see ``on_weights_computed``)."""
+        return self.table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights)
 
     def log_extras(self) -> dict[str, float]:
         """Method-specific scalars logged next to the weight statistics (e.g. ``{"q/group_0": 0.4}``)."""

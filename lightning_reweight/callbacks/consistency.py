@@ -30,6 +30,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_reweight.callbacks._install import find_samplers
+
 __all__ = ["RankConsistencyError", "RankConsistencyGuard", "check_rank_consistency", "rank_fingerprint",
            "tensor_fingerprint"]
 
@@ -154,7 +156,5 @@ class RankConsistencyGuard(Callback):
         if (trainer.world_size < 2 or self.every_n_epochs == 0 or epoch % self.every_n_epochs
                 or self._checked_epoch == epoch):
             return
-        from lightning_reweight.callbacks.sampling import find_samplers
-
         self._checked_epoch = epoch
         check_rank_consistency(trainer, [s for _, s in find_samplers(trainer.train_dataloader)])

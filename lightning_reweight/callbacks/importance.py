@@ -15,8 +15,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_reweight.callbacks._install import train_dataset, train_loader_batch_size
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.callbacks.logging import log_histogram
+from lightning_reweight.callbacks.sampling import install_sampler
 from lightning_reweight.rules.importance import (
     Unseen,
     importance_probabilities,
@@ -25,7 +27,6 @@ from lightning_reweight.rules.importance import (
     unbiasing_weights,
 )
 from lightning_reweight.rules.instance import effective_sample_size
-from lightning_reweight.samplers._install import install_sampler, train_dataset, train_loader_batch_size
 from lightning_reweight.samplers.importance import ImportanceSampler
 from lightning_reweight.state.table import Column
 

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.rules import RULES, Rule, clip_weights, create_rule, effective_sample_size
@@ -114,6 +115,11 @@ class LossReweighting(WeightingCallback):
             ``device_ready``, else the CPU), ``"cpu"`` or a device.
         sync_checks: read the step's validation results back to the host every step (``True``) or defer them
             to the end of the epoch / the next checkpoint (``False``: no host sync per step on a GPU).
+        valid_key: name of the optional ``reduce_loss`` extra that marks the samples that have a loss (bool,
+            one per sample): rows marked ``False`` (e.g. all-padding sequences, ``counts == 0`` from
+            ``sequence_losses(..., return_counts=True)``) take no part in the rule's statistics (min-max,
+            softmax, normaliser, warm-up) and get weight 0; the other rows get exactly the weights they would get
+            without them. Without the extra every row counts.
         **kwargs: ``WeightingCallback`` options (``num_samples``, ``track_samples``, ``log_every_n_steps``, ...).
 
     Example::
@@ -146,6 +152,7 @@ class LossReweighting(WeightingCallback):
         fresh_table: bool = False,
         device: str | torch.device = "auto",
         sync_checks: bool = True,
+        valid_key: str = "valid",
     ):
         super().__init__(num_samples, track_samples, ema_decay, log_every_n_steps, log_histogram, name,
                          fresh_table=fresh_table, device=device, sync_checks=sync_checks)
@@ -174,6 +181,9 @@ class LossReweighting(WeightingCallback):
             raise ValueError(f"Expected argument `max_weight` to be >= 1 (a multiple of the mean weight), but got {max_weight!r}.")
         if not isinstance(min_ess_frac, (int, float)) or not 0 <= min_ess_frac <= 1:
             raise ValueError(f"Expected argument `min_ess_frac` to be in [0, 1], but got {min_ess_frac!r}.")
+        if not isinstance(valid_key, str) or not valid_key:
+            raise ValueError(f"Expected argument `valid_key` to be a non-empty string, but got {valid_key!r}.")
+        self.valid_key = valid_key
         self.rule_name = rule if isinstance(rule, str) else type(rule).__name__
         self.warmup_steps = warmup_steps
         self.max_weight = max_weight
@@ -194,29 +204,64 @@ class LossReweighting(WeightingCallback):
 
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         self._pending = None  # a proposal of an earlier, rejected step is never committed
+        valid = batch.extras.get(self.valid_key)
+        if valid is not None and (valid.dtype != torch.bool or valid.shape != batch.losses.shape):
+            raise ValueError(
+                f"Expected the `{self.valid_key}` extra of `reduce_loss` to be a bool tensor of shape "
+                f"{tuple(batch.losses.shape)} (True = the sample has a loss), but got dtype {valid.dtype} and shape "
+                f"{tuple(valid.shape)}. Pass `{self.valid_key}=counts > 0` with the token counts of "
+                "`sequence_losses(..., return_counts=True)`."
+            )
         super().validate_batch(batch, trainer)
 
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         # pure: the rule's state change (e.g. the EMA normaliser, which advances during warm-up too) is
         # committed in ``on_weights_computed``, after every callback's weights were accepted
-        weights, pending = self._propose(batch.losses)
+        valid = batch.extras.get(self.valid_key)
+        if valid is None:
+            weights, pending = self._propose(batch.losses)
+            size = len(batch)
+        else:  # rows without a loss (all-padding sequences) take no part in the rule and get weight 0
+            weights, pending, size = self._propose_valid(batch.losses, valid)
         if batch.global_step < self.warmup_steps:
             self._pending = (batch, pending, False)
-            return torch.ones_like(weights)
-        weights = clip_weights(weights, self.max_weight, renormalize=self.rule.normalized)
+            return torch.ones_like(weights) if valid is None or size == 0 else valid.to(weights.dtype)
+        if valid is None:  # (the valid rows were clipped among themselves)
+            weights = clip_weights(weights, self.max_weight, renormalize=self.rule.normalized)
         ess, collapsed = None, False
         if self.min_ess_frac > 0:
             if weights.device.type == "cpu":  # host floats: Σw and Σw² in float64, as ``effective_sample_size``
                 total, square = _weight_mass(weights)
                 ess = total * total / max(square, 1e-300)
                 ess = min(ess, total) if not self.rule.normalized else ess
-                collapsed = ess < self.min_ess_frac * len(batch)
+                collapsed = ess < self.min_ess_frac * size
             else:  # on a GPU both stay 0-d tensors (no host sync), read at logging cadence
                 ess = effective_sample_size(weights, unit_mass=not self.rule.normalized)
-                collapsed = ess < self.min_ess_frac * len(batch)
+                collapsed = ess < self.min_ess_frac * size
         self._pending = (batch, pending, collapsed)
         self.last_ess = ess
         return weights
+
+    def _propose_valid(self, losses: Tensor, valid: Tensor) -> tuple[Tensor, Any, int]:
+        """The rule (and the clip) on the valid rows only: their min-max, softmax and normaliser, exactly as if the
+        other rows were not in the batch; the other rows get weight 0. With no valid row every weight is 1 (there
+        is nothing to weigh) and the rule's state does not move. Returns ``(weights, pending, valid rows)``.
+
+        ``reduce_loss`` renormalises mean-1 factors over the whole batch, so the returned loss is the weighted mean
+        over the valid rows, as without the other rows."""
+        rows = valid.nonzero().flatten()  # one host sync on a GPU (the number of valid rows)
+        size = rows.numel()
+        if size == 0:
+            return torch.ones_like(losses), None, 0
+        part, pending = self._propose(losses.index_select(0, rows))
+        if self.max_weight is not None:  # clip among the valid rows, as without the padding rows
+            part = clip_weights(part, self.max_weight, renormalize=self.rule.normalized)
+        if not self.rule.normalized and size < len(losses):
+            # a rule whose scale matters (the EMA normaliser) is not renormalised by ``reduce_loss``, which divides
+            # by the whole batch: scale the valid rows by B / B_valid so the loss is their weighted mean
+            part = part * (len(losses) / size)
+        weights = torch.zeros_like(losses, dtype=part.dtype).index_copy_(0, rows, part)
+        return weights, pending, size
 
     def _propose(self, losses: Tensor) -> tuple[Tensor, Any]:
         # ``reduce_loss`` validated the losses already (1-D, finite): skip the rule's second check when it can
@@ -246,6 +291,18 @@ class LossReweighting(WeightingCallback):
                     )
             self._collapsed = collapsed
         super().on_weights_computed(batch, weights, trainer, pl_module)
+
+    @override
+    def record_in_table(self, batch: GlobalBatch, weights: Tensor) -> Any:
+        """Rows marked invalid by the ``valid`` extra (all-padding sequences) carry no loss: they are not recorded
+        (one host read of the mask on a GPU, as for the rule)."""
+        valid = batch.extras.get(self.valid_key)
+        if valid is None or bool(valid.all()):
+            return super().record_in_table(batch, weights)
+        rows = valid.nonzero().flatten()
+        self.table.update(batch.index[rows], check=False, loss=batch.losses[rows], ema_loss=batch.losses[rows],
+                          weight=weights[rows])
+        return None  # the repeats refer to the valid rows only: no subclass reuses them
 
     def _fold_collapses(self) -> None:
         """Read the ESS collapses counted on a GPU (one host read, at logging cadence or a checkpoint) and

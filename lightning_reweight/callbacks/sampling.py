@@ -35,74 +35,31 @@ is per rank: on another number of processes it no longer says how much of the ep
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_reweight.callbacks._install import (
+    _flatten,
+    find_samplers,
+    is_resumable_sampler,
+    restart_train_iterator,
+    set_epoch_batches_done,
+    wrap_train_source,
+)
+from lightning_reweight.callbacks.consistency import check_rank_consistency
 from lightning_reweight.callbacks.logging import log_histogram, log_weight_stats
 
-__all__ = ["SamplerState", "find_samplers", "is_resumable_sampler"]
+__all__ = ["SamplerState", "ensure_sampler_state", "find_samplers", "install_sampler", "is_resumable_sampler"]
 
 _MAX_HISTOGRAM = 1_000_000
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
-
-
-def is_resumable_sampler(sampler: Any) -> bool:
-    """Duck type of the samplers ``SamplerState`` manages."""
-    return hasattr(sampler, "cursor") and all(
-        callable(getattr(sampler, name, None)) for name in ("set_epoch", "state_dict", "load_state_dict")
-    )
-
-
-def _flatten(obj: Any) -> list[Any]:
-    if obj is None:
-        return []
-    flattened = getattr(obj, "flattened", None)  # CombinedLoader
-    if isinstance(flattened, list):
-        return [leaf for item in flattened for leaf in _flatten(item)]
-    if isinstance(obj, dict):
-        return [leaf for item in obj.values() for leaf in _flatten(item)]
-    if isinstance(obj, (list, tuple)):
-        return [leaf for item in obj for leaf in _flatten(item)]
-    return [obj]
-
-
-def _wrapped_inner(sampler: Any) -> Any:
-    """The sampler inside Lightning's ``DistributedSamplerWrapper``, if ``sampler`` is one."""
-    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
-    return inner if inner is not None and type(sampler).__name__.endswith("SamplerWrapper") else None
-
-
-def find_samplers(loaders: Any) -> list[tuple[DataLoader, Any]]:
-    """``(dataloader, sampler)`` for each resumable sampler in a loader, list/dict of loaders or
-    ``CombinedLoader`` (looks at ``loader.sampler`` and ``loader.batch_sampler.sampler``).
-
-    Raises:
-        RuntimeError: a resumable sampler was wrapped by Lightning's ``DistributedSamplerWrapper``.
-    """
-    found: list[tuple[DataLoader, Any]] = []
-    for loader in _flatten(loaders):
-        candidates = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-        seen: set[int] = set()
-        for sampler in candidates:
-            if sampler is None or id(sampler) in seen:
-                continue
-            seen.add(id(sampler))
-            inner = _wrapped_inner(sampler)
-            if inner is not None and is_resumable_sampler(inner):
-                raise RuntimeError(
-                    f"Lightning wrapped the `{type(inner).__name__}` of the train dataloader in"
-                    f" `{type(sampler).__name__}`: every rank would materialise its whole shard and re-shard it,"
-                    " losing samples and breaking resume. The sampler already shards by global rank: pass"
-                    " `Trainer(use_distributed_sampler=False)`."
-                )
-            if is_resumable_sampler(sampler):
-                found.append((loader, sampler))
-    return found
 
 
 def _batch_size(loader: Any) -> int:
@@ -175,8 +132,6 @@ class SamplerState(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_reweight.samplers._install import restart_train_iterator
-
         self._trainer = trainer
         self._bind(trainer)
         pending, self._pending = self._pending, None
@@ -215,8 +170,6 @@ class SamplerState(Callback):
     def _continue_on_new_world(self, trainer: pl.Trainer, saved_world: int) -> None:
         """After a resume on another world size: check every rank gets the same number of batches for the rest
         of the epoch and set the fit loop's batch counter so the epoch ends exactly there."""
-        from lightning_reweight.samplers._install import set_epoch_batches_done
-
         world = trainer.world_size
         done: set[int] = set()
         for loader, sampler in self._bound:
@@ -274,8 +227,6 @@ class SamplerState(Callback):
         for loader, sampler in self._bound:
             _set_cursor(sampler, (batch_idx + 1) * _batch_size(loader))
         if self.check_ranks and trainer.world_size > 1 and self._checked_epoch != trainer.current_epoch:
-            from lightning_reweight.callbacks.consistency import check_rank_consistency
-
             self._checked_epoch = trainer.current_epoch
             check_rank_consistency(trainer, self.samplers)
         if self.log_stats and self._logged_epoch != trainer.current_epoch:
@@ -330,3 +281,56 @@ class SamplerState(Callback):
             raise CheckpointStateError("SamplerState.state_dict", "samplers",
                                        f"expected a list of sampler state dicts, but got {type(samplers).__name__}.")
         self._pending = samplers  # validated against the samplers at on_train_start, before any is restored
+
+
+def ensure_sampler_state(trainer: pl.Trainer, owner: str) -> Any:
+    """Return the Trainer's ``SamplerState``, adding one before the checkpoint callbacks if it has none (so the
+    sampler's saved position is up to date when a checkpoint is written)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, SamplerState):
+            return cb
+    rank_zero_info(f"{owner}: adding `SamplerState()` to the callbacks (epoch, position and checkpoint of the "
+                   "sampler).")
+    position = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)),
+                    len(trainer.callbacks))
+    state = SamplerState()
+    trainer.callbacks.insert(position, state)
+    return state
+
+
+def install_sampler(
+    trainer: pl.Trainer,
+    factory: Callable[[pl.Trainer, DataLoader], Any],
+    *,
+    owner: str,
+    sampler_type: type | None = None,
+    adopt: Callable[[Any], None] | None = None,
+) -> None:
+    """Install ``factory(trainer, loader)``'s sampler in the train dataloader, whatever the loader's source.
+
+    The public way in for callbacks that own a sampler (the Lightning internals it relies on live in
+    ``callbacks/_install.py``). Call it from a callback's ``setup(trainer, pl_module, stage)`` when
+    ``stage == "fit"``. Every time the fit loop requests the train dataloader, the loader is rebuilt around the
+    new sampler (keeping its other settings); a loader that already holds a ``sampler_type`` sampler is kept and ``adopt(sampler)`` is called.
+    ``SamplerState`` is added when missing.
+
+    Args:
+        trainer: the Trainer being set up.
+        factory: builds the sampler for a train ``DataLoader`` (return an existing one to keep its state).
+        owner: name used in messages (the callback's class name).
+        sampler_type: adopt a sampler of this type that the user already put in the loader.
+        adopt: called with such an adopted sampler.
+
+    Raises:
+        TypeError: ``factory`` is not callable.
+        RuntimeError: DDP with ``Trainer(use_distributed_sampler=True)`` (Lightning would re-shard the sampler).
+
+    Example::
+
+        class MySampling(Callback):
+            def setup(self, trainer, pl_module, stage):
+                if stage == "fit":
+                    install_sampler(trainer, lambda t, loader: WeightedSampler(my_weights), owner="MySampling")
+    """
+    wrap_train_source(trainer, factory, owner=owner, sampler_type=sampler_type, adopt=adopt)
+    ensure_sampler_state(trainer, owner)

@@ -235,7 +235,7 @@ class SamplingDataModule(pl.LightningDataModule):
             self.datamodule.trainer = self.trainer
             self.datamodule.setup(stage)
         if stage == "fit" and self.add_sampler_state and self.trainer is not None and self.sampler_name != "none":
-            from lightning_reweight.samplers._install import ensure_sampler_state
+            from lightning_reweight.callbacks.sampling import ensure_sampler_state
 
             ensure_sampler_state(self.trainer, type(self).__name__)
 

@@ -8,8 +8,8 @@ rows in one of two ways; the user chooses:
 
 * **known key range** (``StreamKeys(num_keys=N)``): keys must lie in ``[0, N)``; the row is the key itself
   (exact, O(N) memory). A key outside the range raises.
-* **hashed slots** (``StreamKeys(slots=S)``): any int64 key goes to ``splitmix64(key) mod S`` (fixed O(S)
-  memory, keys of any size). Distinct keys can share a slot; with ``K`` keys spread over ``S`` slots a given
+* **hashed slots** (``StreamKeys(slots=S)``): any int64 key goes to ``splitmix64(key) mod S``, the 64 hashed
+  bits read as an unsigned integer, for any ``S`` (a power of two or not; fixed O(S) memory, keys of any size). Distinct keys can share a slot; with ``K`` keys spread over ``S`` slots a given
   key shares its slot with at least one other key with probability ``1 - (1 - 1/S)^(K-1)`` (about
   ``1 - exp(-K/S)``): ``K = 10^6`` keys in ``S = 2^20`` slots collide for ~61 % of keys, in ``S = 2^24`` for
   ~5.8 %, in ``S = 2^27`` for ~0.74 %. Keys that share a slot share its statistics (their EMA losses mix).
@@ -26,9 +26,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["StreamKeys", "expected_collision_rate", "slots_for", "splitmix64"]
+__all__ = ["StreamKeys", "expected_collision_rate", "slots_for", "splitmix64", "unsigned_mod"]
 
 _U64 = 1 << 64
+_MAX_SLOTS = 1 << 62
 
 
 def _signed(c: int) -> int:
@@ -81,13 +82,29 @@ def slots_for(num_keys: int, rate: float) -> int:
     return s
 
 
+def unsigned_mod(bits: Tensor, modulus: int) -> Tensor:
+    """``bits mod modulus`` with the int64 ``bits`` read as UNSIGNED 64-bit integers (vectorised, exact).
+
+    ``torch.remainder`` reads a negative int64 (top bit set) as ``u - 2^64``; adding ``2^64 mod modulus`` back
+    (without overflow: the sum stays below ``modulus``) gives ``u mod modulus``. For a power of two ``2^64 mod
+    modulus`` is 0 and this is the plain remainder.
+    """
+    rem = torch.remainder(bits, modulus)
+    wrap = _U64 % modulus
+    if wrap == 0:
+        return rem
+    shifted = rem - (modulus - wrap)  # rem + wrap - modulus, in (-modulus, modulus): no overflow
+    fixed = torch.where(shifted < 0, shifted + modulus, shifted)
+    return torch.where(bits < 0, fixed, rem)
+
+
 class StreamKeys:
     """Map stable per-sample stream keys to rows of a per-sample table.
 
     Args:
         num_keys: the keys are known to lie in ``[0, num_keys)``; rows are the keys (exact).
-        slots: hash any int64 key into this many slots (fixed memory; see the module docstring for the
-            collision rate). Give exactly one of ``num_keys`` and ``slots``.
+        slots: hash any int64 key into this many slots, ``splitmix64(key) mod slots`` (unsigned; fixed memory;
+            see the module docstring for the collision rate). At most ``2**62``. Give exactly one of ``num_keys`` and ``slots``.
         seed: hash salt (``slots`` only).
 
     Example::
@@ -107,6 +124,9 @@ class StreamKeys:
         for name, v in (("num_keys", num_keys), ("slots", slots)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"Expected argument `{name}` to be a positive int, but got {v!r}.")
+        if slots is not None and slots > _MAX_SLOTS:
+            raise ValueError(f"Expected argument `slots` to be at most 2**62, but got {slots!r}. Pick a table size "
+                             "that fits in memory, e.g. `slots_for(num_keys, rate)`.")
         self.num_keys = num_keys
         self.slots = slots
         self.seed = int(seed)
@@ -132,7 +152,7 @@ class StreamKeys:
             raise TypeError(f"Expected integer stream keys, but got dtype {keys.dtype}.")
         keys = keys.to(torch.int64)
         if self.slots is not None:
-            return torch.remainder(splitmix64(keys, self.seed), self.slots)
+            return unsigned_mod(splitmix64(keys, self.seed), self.slots)
         if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.num_keys):  # type: ignore[operator]
             bad = int(keys.min()) if int(keys.min()) < 0 else int(keys.max())
             raise IndexError(

@@ -11,7 +11,7 @@ from torch import nn
 from lightning_reweight import GroupDRO, LossReweighting, Reweighter, reduce_loss
 from tests.helpers import REPO, make_trainer, run_ddp_script
 
-from ._common import BATCH, N, FixedBatches, Tiny, collate, data, global_batches
+from ._common import BATCH, FixedBatches, N, Tiny, collate, data, global_batches
 
 
 def _callbacks():
@@ -227,9 +227,7 @@ def test_fabric_resumes_the_sampler_mid_epoch_exactly(tmp_path):
 
 
 def test_fabric_loader_resetting_the_epoch_after_a_resume_is_refused(tmp_path):
-    from lightning_reweight import IndexedDataset
-
-    from lightning_reweight import WeightedSampler
+    from lightning_reweight import IndexedDataset, WeightedSampler
 
     _sampled_run(tmp_path, stop=8)
 

@@ -1,18 +1,19 @@
-"""One way in: ``install_sampler`` puts a callback's sampler into the Trainer's train dataloader.
+"""The Lightning dataloader surgery behind ``install_sampler``: every Lightning internal lightning_reweight relies
+on to manage a sampler lives here, so a Lightning upgrade has one module to check.
 
-Every place of lightning_reweight that touches Lightning internals to manage a sampler lives here, so a
-Lightning upgrade has one module to check:
+It belongs to the Lightning layer (``callbacks/``): the samplers themselves (``samplers/``) know nothing of
+Lightning. The public entry points are in ``callbacks/sampling.py``:
 
-* ``install_sampler(trainer, factory, owner=...)`` (call it from a callback's ``setup(stage="fit")``) wraps the
-  fit loop's train-dataloader source: every time Lightning requests the train dataloader (from a
-  LightningModule or DataModule hook, or a loader passed to ``fit``), the loader is re-instantiated with the
-  callback's sampler (Lightning's own ``_update_dataloader``, the function it uses to inject
-  ``DistributedSampler``), unless it already holds a sampler of the expected type, which is then adopted. It
-  also adds ``SamplerState`` (epoch, global position, checkpoint of the sampler) when the Trainer has none and
-  rejects ``use_distributed_sampler=True`` under DDP, where Lightning would re-shard the already-sharded
-  sampler. Used by ``GroupBalancing``, ``ImportanceSampling`` and (through ``ensure_sampler_state``) the
-  ``SamplingDataModule`` plugin.
-* ``ensure_sampler_state(trainer, owner)``: add ``SamplerState`` before the checkpoint callbacks if missing.
+* ``install_sampler(trainer, factory, owner=...)`` (call it from a callback's ``setup(stage="fit")``) =
+  ``wrap_train_source`` here + ``ensure_sampler_state``. ``wrap_train_source`` wraps the fit loop's
+  train-dataloader source: every time Lightning requests the train dataloader (from a LightningModule or
+  DataModule hook, or a loader passed to ``fit``), the loader is re-instantiated with the callback's sampler
+  (Lightning's own ``_update_dataloader``, the function it uses to inject ``DistributedSampler``), unless it
+  already holds a sampler of the expected type, which is then adopted. It rejects ``use_distributed_sampler=True``
+  under DDP, where Lightning would re-shard the already-sharded sampler. Used by ``GroupBalancing``,
+  ``ImportanceSampling`` and (through ``ensure_sampler_state``) the ``SamplingDataModule`` plugin.
+* ``find_samplers(loaders)``: the resumable samplers of a train dataloader (``SamplerState``, the cross-rank
+  guard).
 * ``restart_train_iterator(trainer)`` and ``set_epoch_batches_done(trainer, n)``: used by ``SamplerState``
   after restoring sampler state (re-create the loader iterator that the fit loop built before the restore;
   align the fit loop's batch counter of the resumed epoch with the sampler after a resume on another world
@@ -29,27 +30,75 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from lightning_reweight.data.indexed import IndexedDataset
 
 __all__ = [
-    "ensure_sampler_state",
-    "install_sampler",
+    "find_samplers",
+    "is_resumable_sampler",
     "restart_train_iterator",
     "set_epoch_batches_done",
     "train_dataset",
     "train_loader_batch_size",
+    "wrap_train_source",
 ]
 
 
-def _flatten(obj: Any) -> list[Any]:
-    from lightning_reweight.callbacks.sampling import _flatten as flatten
+def is_resumable_sampler(sampler: Any) -> bool:
+    """Duck type of the samplers ``SamplerState`` manages."""
+    return hasattr(sampler, "cursor") and all(
+        callable(getattr(sampler, name, None)) for name in ("set_epoch", "state_dict", "load_state_dict")
+    )
 
-    return flatten(obj)
+
+def _flatten(obj: Any) -> list[Any]:
+    if obj is None:
+        return []
+    flattened = getattr(obj, "flattened", None)  # CombinedLoader
+    if isinstance(flattened, list):
+        return [leaf for item in flattened for leaf in _flatten(item)]
+    if isinstance(obj, dict):
+        return [leaf for item in obj.values() for leaf in _flatten(item)]
+    if isinstance(obj, (list, tuple)):
+        return [leaf for item in obj for leaf in _flatten(item)]
+    return [obj]
+
+
+def _wrapped_inner(sampler: Any) -> Any:
+    """The sampler inside Lightning's ``DistributedSamplerWrapper``, if ``sampler`` is one."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return inner if inner is not None and type(sampler).__name__.endswith("SamplerWrapper") else None
+
+
+def find_samplers(loaders: Any) -> list[tuple[DataLoader, Any]]:
+    """``(dataloader, sampler)`` for each resumable sampler in a loader, list/dict of loaders or
+    ``CombinedLoader`` (looks at ``loader.sampler`` and ``loader.batch_sampler.sampler``).
+
+    Raises:
+        RuntimeError: a resumable sampler was wrapped by Lightning's ``DistributedSamplerWrapper``.
+    """
+    found: list[tuple[DataLoader, Any]] = []
+    for loader in _flatten(loaders):
+        candidates = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+        seen: set[int] = set()
+        for sampler in candidates:
+            if sampler is None or id(sampler) in seen:
+                continue
+            seen.add(id(sampler))
+            inner = _wrapped_inner(sampler)
+            if inner is not None and is_resumable_sampler(inner):
+                raise RuntimeError(
+                    f"Lightning wrapped the `{type(inner).__name__}` of the train dataloader in"
+                    f" `{type(sampler).__name__}`: every rank would materialise its whole shard and re-shard it,"
+                    " losing samples and breaking resume. The sampler already shards by global rank: pass"
+                    " `Trainer(use_distributed_sampler=False)`."
+                )
+            if is_resumable_sampler(sampler):
+                found.append((loader, sampler))
+    return found
 
 
 def train_dataset(loaders: Any) -> Any:
@@ -69,23 +118,6 @@ def train_loader_batch_size(loaders: Any) -> int:
             return size
     raise ValueError("Expected the train dataloader to have an int `batch_size`, but found none; use "
                      "`DataLoader(dataset, batch_size=...)`.")
-
-
-def ensure_sampler_state(trainer: pl.Trainer, owner: str) -> Any:
-    """Return the Trainer's ``SamplerState``, adding one before the checkpoint callbacks if it has none (so the
-    sampler's saved position is up to date when a checkpoint is written)."""
-    from lightning_reweight.callbacks.sampling import SamplerState
-
-    for cb in trainer.callbacks:
-        if isinstance(cb, SamplerState):
-            return cb
-    rank_zero_info(f"{owner}: adding `SamplerState()` to the callbacks (epoch, position and checkpoint of the "
-                   "sampler).")
-    position = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)),
-                    len(trainer.callbacks))
-    state = SamplerState()
-    trainer.callbacks.insert(position, state)
-    return state
 
 
 class _SamplerSource:
@@ -135,7 +167,7 @@ class _Installer:
         return new if loaders is loader else _replace_leaf(loaders, loader, new)
 
 
-def install_sampler(
+def wrap_train_source(
     trainer: pl.Trainer,
     factory: Callable[[pl.Trainer, DataLoader], Any],
     *,
@@ -143,30 +175,9 @@ def install_sampler(
     sampler_type: type | None = None,
     adopt: Callable[[Any], None] | None = None,
 ) -> None:
-    """Install ``factory(trainer, loader)``'s sampler in the train dataloader, whatever the loader's source.
-
-    Call it from a callback's ``setup(trainer, pl_module, stage)`` when ``stage == "fit"``. Every time the fit
-    loop requests the train dataloader, the loader is rebuilt around the new sampler (keeping its other
-    settings); a loader that already holds a ``sampler_type`` sampler is kept and ``adopt(sampler)`` is called.
-    ``SamplerState`` is added when missing.
-
-    Args:
-        trainer: the Trainer being set up.
-        factory: builds the sampler for a train ``DataLoader`` (return an existing one to keep its state).
-        owner: name used in messages (the callback's class name).
-        sampler_type: adopt a sampler of this type that the user already put in the loader.
-        adopt: called with such an adopted sampler.
-
-    Raises:
-        RuntimeError: DDP with ``Trainer(use_distributed_sampler=True)`` (Lightning would re-shard the sampler).
-
-    Example::
-
-        class MySampling(Callback):
-            def setup(self, trainer, pl_module, stage):
-                if stage == "fit":
-                    install_sampler(trainer, lambda t, loader: WeightedSampler(my_weights), owner="MySampling")
-    """
+    """The Lightning half of ``install_sampler`` (``callbacks/sampling.py``): wrap the fit loop's train-dataloader
+    source so that every loader it returns holds ``factory``'s sampler; refuse ``use_distributed_sampler=True``
+    under DDP."""
     if not callable(factory):
         raise TypeError(f"Expected argument `factory` to be callable, but got {type(factory).__name__}.")
     connector = getattr(trainer, "_accelerator_connector", None)
@@ -182,7 +193,6 @@ def install_sampler(
         source._installer = installer
     else:
         fit_loop._data_source = _SamplerSource(source, installer, trainer)
-    ensure_sampler_state(trainer, owner)
 
 
 def restart_train_iterator(trainer: pl.Trainer) -> None:
