@@ -185,7 +185,8 @@ def test_bad_checkpoint_state_is_refused_before_anything_is_assigned(extra, key,
         cb.load_state_dict({"table": None, "extra": extra})
     assert err.value.key == key and "GroupDRO" in str(err.value)
     assert cb.q is None and cb.steps == 0
-    with pytest.raises(CheckpointStateError, match="length 2"):
+    with pytest.raises(CheckpointStateError, match=r"expected 2 groups \(num_groups=2\), but the checkpoint's 'q' has 3"
+                                                   r".*pass `num_groups=3`"):
         GroupDRO(num_groups=2).load_state_dict({"extra": {"q": torch.full((3,), 1 / 3, dtype=torch.float64),
                                                           "steps": 1}})
 
@@ -212,3 +213,45 @@ def test_non_negative_ignore_index_and_float_group_ids():
         check_groups(torch.tensor([0.9, 1.0]), 2, -1)
     with pytest.raises(TypeError, match="integer ids"):
         check_groups(torch.tensor([True, False]), 2, -1)
+
+
+# ------------------------------------------------------------------ a checkpoint of data with other groups
+def _two_group_checkpoint(tmp_path, cls=GroupDRO):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    make_trainer([cls(), ckpt], tmp_path / "a", enable_checkpointing=True).fit(
+        GroupedModule(), make_grouped_loader(n=16, num_groups=2))
+    return next((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("cls", ["GroupDRO", "FairErrorBoundScaling"])
+def test_inferred_num_groups_refuses_a_checkpoint_of_another_group_count(tmp_path, cls):
+    """``num_groups`` inferred: a 2-group checkpoint on 3-group data is refused before the first step, naming
+    both counts and the fix (not one step later with a group-id error, nor trained on with 2 groups)."""
+    from lightning_reweight.callbacks.febs import FairErrorBoundScaling
+    from lightning_reweight.state.validate import TrainingSetChangedError
+
+    cls = {"GroupDRO": GroupDRO, "FairErrorBoundScaling": FairErrorBoundScaling}[cls]
+    path = _two_group_checkpoint(tmp_path, cls)
+    resumed, module = cls(), GroupedModule()
+    with pytest.raises(TrainingSetChangedError, match=r"checkpoint's 2 groups, but its group ids give 3 groups.*"
+                                                      r"pass `num_groups=2`.*deleting `checkpoint\['callbacks'\]"):
+        make_trainer([resumed], tmp_path / "b", max_epochs=2).fit(module, make_grouped_loader(n=24, num_groups=3),
+                                                                  ckpt_path=path)
+    assert module.records == [] and resumed.steps == 2  # no step taken: the restored state is as saved
+    state = resumed.q if cls is GroupDRO else resumed.errors
+    assert state.numel() == 2
+    # the same data as the checkpoint's resumes
+    make_trainer([cls()], tmp_path / "c", max_epochs=2).fit(GroupedModule(), make_grouped_loader(n=16, num_groups=2),
+                                                            ckpt_path=path)
+
+
+def test_explicit_num_groups_refuses_a_checkpoint_of_another_group_count_at_load(tmp_path):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    path = _two_group_checkpoint(tmp_path)
+    resumed, module = GroupDRO(num_groups=3), GroupedModule()
+    with pytest.raises(CheckpointStateError, match=r"expected 3 groups \(num_groups=3\), but the checkpoint's 'q' has 2"
+                                                   r".*deleting `checkpoint\['callbacks'\]"):
+        make_trainer([resumed], tmp_path / "b", max_epochs=2).fit(module, make_grouped_loader(n=24, num_groups=3),
+                                                                  ckpt_path=path)
+    assert module.records == [] and resumed.q is None and resumed.steps == 0
