@@ -90,9 +90,9 @@ class WeightingCallback(Callback):
     must not raise on a validated batch (do any check that could fail in ``validate_batch``).
 
     **Restoring state.** Validation and assignment are separate: ``check_state_dict`` validates the whole entry
-    (the table with ``SampleStateTable.validate_state`` against ``declared_columns()``, then
-    ``check_extra_state``, which reads every extra entry through the helpers of
-    ``lightning_reweight.state.validate`` with ``where=self.checkpoint_where``) and assigns nothing;
+    (``check_extra_state``, which reads every extra entry through the helpers of
+    ``lightning_reweight.state.validate`` with ``where=self.checkpoint_where``, then the table with
+    ``SampleStateTable.validate_state`` against ``declared_columns()``) and assigns nothing;
     ``load_state_dict`` runs it and then assigns (``assign_extra_state``, the table last). Under a Trainer,
     ``on_load_checkpoint`` runs ``check_state_dict`` on this callback's entry, and Lightning calls it on every
     callback before it calls any ``load_state_dict``: a bad entry of any lightning_reweight callback stops the

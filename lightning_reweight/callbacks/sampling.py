@@ -337,7 +337,8 @@ class SamplerState(Callback):
             return {"samplers": [sampler.state_dict() for _, sampler in self._bound]}
         if self._pending is not None:
             return {"samplers": self._pending}
-        return {}
+        # training without a managed sampler: say so, so that a mid-epoch resume is not refused for lack of state
+        return {"samplers": []} if self._trainer is not None else {}
 
     def check_state_dict(self, state_dict: Any) -> list[dict[str, Any]] | None:
         """Validate the entry's form (a list of sampler state dicts, or none) and return the list; assigns
@@ -361,7 +362,7 @@ class SamplerState(Callback):
         holds no sampler state (unless ``restart_epoch=True``)."""
         entry = checkpoint_entry(self, checkpoint)
         samplers = self.check_state_dict(entry) if entry is not None else None
-        if samplers or getattr(getattr(trainer, "state", None), "fn", None) != TrainerFn.FITTING:
+        if samplers is not None or getattr(getattr(trainer, "state", None), "fn", None) != TrainerFn.FITTING:
             return
         done, epoch = _batches_done_mid_epoch(checkpoint)
         if not done:

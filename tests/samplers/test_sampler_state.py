@@ -177,3 +177,20 @@ def test_end_of_epoch_checkpoint_without_sampler_state_resumes(tmp_path):
     second = Recorder()
     _trainer(tmp_path / "b", max_epochs=2, callbacks=[SamplerState()]).fit(second, ckpt_path=path)
     assert [s[:2] for s in second.seen][0] == (1, 0) and len(second.seen) == 10
+
+
+class PlainRecorder(Recorder):
+    def train_dataloader(self):
+        return DataLoader(IndexedDataset(TensorDataset(self.x, torch.arange(N) % 3)), batch_size=BATCH)
+
+
+def test_mid_epoch_checkpoint_of_a_run_without_managed_samplers_resumes(tmp_path):
+    """``SamplerState`` attached to a plain loader records that it managed no sampler: no refusal."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=13, save_top_k=-1)
+    _trainer(tmp_path / "a", max_epochs=2, max_steps=13, callbacks=[SamplerState(), ckpt]).fit(PlainRecorder())
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    assert torch.load(path, weights_only=False)["callbacks"]["SamplerState"] == {"samplers": []}
+    second = PlainRecorder()
+    with pytest.warns(UserWarning, match="resum"):  # Lightning's own warning: a plain loader is not resumable
+        _trainer(tmp_path / "b", max_epochs=2, callbacks=[SamplerState()]).fit(second, ckpt_path=path)
+    assert second.seen[0][:2] == (1, 3)
