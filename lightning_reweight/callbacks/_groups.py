@@ -52,6 +52,7 @@ class GroupCallback(WeightingCallback):
         self.num_groups = num_groups
         self.ignore_index = ignore_index
         self._num_groups_given = num_groups  # ``num_groups`` as passed (``None``: inferred from the data)
+        self._restored_state = False  # the per-group state came from a checkpoint (set by ``assign_extra_state``)
         self._train_groups: Tensor | None = None
         self._prepared: tuple[GlobalBatch, Tensor, Tensor] | None = None
         self._pending: Any = None
@@ -128,6 +129,22 @@ class GroupCallback(WeightingCallback):
                 f"was taken. {self._group_count_fix(restored)}"
             )
 
+    def _refuse_ids_beyond_restored_groups(self, group: Tensor, err: ValueError) -> None:
+        """Where the data's group ids were unknown before the first step (no ``groups`` on the data set): a group
+        id beyond the restored state's G names the checkpoint as the cause, not just the id."""
+        restored = self.restored_groups()
+        if not self._restored_state or self._num_groups_given is not None or restored is None:
+            return
+        group = group.detach().cpu()
+        known = group[self._known(group)] if not group.is_floating_point() and group.ndim == 1 else group[:0]
+        if known.numel() and int(known.max()) >= restored:
+            raise TrainingSetChangedError(
+                f"Expected group ids below the checkpoint's {restored} groups ({type(self).__name__} restored "
+                f"{restored}-group state and takes num_groups from it), but this batch holds group id "
+                f"{int(known.max())}: the data changed since the checkpoint was written. No state was updated. "
+                f"{self._group_count_fix(restored)}"
+            ) from err
+
     def setup_groups(self, trainer: pl.Trainer | None) -> None:  # pragma: no cover - subclass hook
         """Allocate the per-group state on first use."""
 
@@ -141,7 +158,11 @@ class GroupCallback(WeightingCallback):
                 "`group` to each batch)."
             )
         self.setup_groups(trainer)
-        self._prepared = (batch, *self._bucket_and_count(batch.group, batch))
+        try:
+            self._prepared = (batch, *self._bucket_and_count(batch.group, batch))
+        except ValueError as err:
+            self._refuse_ids_beyond_restored_groups(batch.group, err)
+            raise
 
     def _bucket_and_count(self, group: Tensor, batch: GlobalBatch | None = None) -> tuple[Tensor, Tensor]:
         """Validate the batch's ids once and return ``(bucket ids, counts)``: ids with every ``ignore_index``

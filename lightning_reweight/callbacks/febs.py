@@ -227,7 +227,7 @@ class FairErrorBoundScaling(GroupCallback):
         errors, seen, steps = checked
         self._steps_device = None  # device counts of the run before the restore are superseded
         if errors is not None:
-            self.errors, self.seen = errors, seen
+            self.errors, self.seen, self._restored_state = errors, seen, True
         self.steps = steps
 
     def restored_groups(self) -> int | None:

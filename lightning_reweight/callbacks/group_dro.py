@@ -216,7 +216,7 @@ class GroupDRO(GroupCallback):
             return
         q, steps = checked
         if q is not None:
-            self.q = q
+            self.q, self._restored_state = q, True
         self.steps = steps
 
     def restored_groups(self) -> int | None:

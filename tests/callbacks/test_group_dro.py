@@ -255,3 +255,22 @@ def test_explicit_num_groups_refuses_a_checkpoint_of_another_group_count_at_load
         make_trainer([resumed], tmp_path / "b", max_epochs=2).fit(module, make_grouped_loader(n=24, num_groups=3),
                                                                   ckpt_path=path)
     assert module.records == [] and resumed.q is None and resumed.steps == 0
+
+
+def test_restored_groups_are_checked_at_the_first_step_when_the_data_set_has_no_group_ids(tmp_path):
+    """Group ids only in the batches (no ``groups`` on the data set): the first step names the checkpoint's
+    group count and the fix, and changes nothing."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_reweight.state.validate import TrainingSetChangedError
+
+    cb = GroupDRO()
+    q = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    cb.load_state_dict({"table": None, "extra": {"q": q.clone(), "steps": 4}})
+    n = 12
+    ds = TensorDataset(torch.randn(n, 4), torch.randint(0, 3, (n,)), torch.arange(n), torch.arange(n) % 3)
+    module = GroupedModule()
+    with pytest.raises(TrainingSetChangedError, match=r"group ids below the checkpoint's 2 groups.*group id 2.*"
+                                                      r"No state was updated.*pass `num_groups=2`"):
+        make_trainer([cb], tmp_path).fit(module, DataLoader(ds, batch_size=6))
+    assert torch.equal(cb.q, q) and cb.steps == 4
