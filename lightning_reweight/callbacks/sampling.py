@@ -23,6 +23,9 @@ is per rank: on another number of processes it no longer says how much of the ep
   indices of the interrupted epoch. On another world size it checks that every rank still gets the same
   number of batches for the rest of the epoch (else it refuses, naming both world sizes) and sets the fit
   loop's batch counter of the epoch so that the epoch ends exactly when the remainder is used up.
+* ``on_load_checkpoint`` (before any callback's state is assigned): refuses a mid-epoch checkpoint that holds no
+  sampler state (``CheckpointStateError``; ``restart_epoch=True`` restarts that epoch instead, running all its
+  batches). A run without a managed sampler saves ``{"samplers": []}``, so its checkpoints are not refused.
 * checks DDP wiring: raises if Lightning wrapped a sampler in ``DistributedSamplerWrapper``
   (``use_distributed_sampler=True``) or if a sampler's ``num_replicas``/``rank`` disagree with the Trainer.
 * cross-rank guard (``check_ranks=True``): after the first batch of every epoch, one small all-gather
