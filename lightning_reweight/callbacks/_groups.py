@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.rules.fairness import check_groups
+from lightning_reweight.state.validate import CheckpointStateError, TrainingSetChangedError
 
 
 def train_dataset_groups(trainer: pl.Trainer | None) -> Tensor | None:
@@ -50,6 +51,8 @@ class GroupCallback(WeightingCallback):
             )
         self.num_groups = num_groups
         self.ignore_index = ignore_index
+        self._num_groups_given = num_groups  # ``num_groups`` as passed (``None``: inferred from the data)
+        self._restored_state = False  # the per-group state came from a checkpoint (set by ``assign_extra_state``)
         self._train_groups: Tensor | None = None
         self._prepared: tuple[GlobalBatch, Tensor, Tensor] | None = None
         self._pending: Any = None
@@ -86,6 +89,62 @@ class GroupCallback(WeightingCallback):
             )
         return torch.bincount(valid, minlength=self.num_groups)
 
+    # ---------------------------------------------------------------- restored per-group state
+    def restored_groups(self) -> int | None:  # pragma: no cover - subclass hook
+        """How many groups the per-group state holds (``None``: none yet)."""
+        return None
+
+    def _group_count_fix(self, restored: int) -> str:
+        return (f"Resume on data with the checkpoint's {restored} groups (pass `num_groups={restored}` when its "
+                f"highest group ids are merely absent from this data), or start {type(self).__name__}'s per-group "
+                f"state fresh by deleting `checkpoint['callbacks'][{self.state_key!r}]['extra']`.")
+
+    def check_group_count(self, state: Any, key: str, restored: int) -> None:
+        """At load: a checkpointed per-group tensor of ``restored`` entries must fit ``num_groups`` when known."""
+        if self.num_groups is not None and restored != self.num_groups:
+            raise CheckpointStateError(
+                self.checkpoint_where, key, f"expected {self.num_groups} groups (num_groups={self.num_groups}), but "
+                f"the checkpoint's {key!r} has {restored}: it was written for data with other groups.",
+                fix=self._group_count_fix(restored))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._check_restored_groups(trainer)
+
+    def _check_restored_groups(self, trainer: pl.Trainer | None) -> None:
+        """Before the first step: restored per-group state of G entries with ``num_groups`` inferred must fit
+        the training data's group ids (else the first step would fail on a group id, or train on a wrong G)."""
+        restored = self.restored_groups()
+        if restored is None or self._num_groups_given is not None:
+            return
+        groups = train_dataset_groups(trainer)
+        valid = groups[self._known(groups)] if groups is not None else None
+        if valid is None or valid.numel() == 0:
+            return  # no group ids known before the first step: that step checks them
+        data = int(valid.max()) + 1
+        if data != restored:
+            raise TrainingSetChangedError(
+                f"Expected the training data of {type(self).__name__} to have the checkpoint's {restored} groups, "
+                f"but its group ids give {data} groups: the data changed since the checkpoint was written. No step "
+                f"was taken. {self._group_count_fix(restored)}"
+            )
+
+    def _refuse_ids_beyond_restored_groups(self, group: Tensor, err: ValueError) -> None:
+        """Where the data's group ids were unknown before the first step (no ``groups`` on the data set): a group
+        id beyond the restored state's G names the checkpoint as the cause, not just the id."""
+        restored = self.restored_groups()
+        if not self._restored_state or self._num_groups_given is not None or restored is None:
+            return
+        group = group.detach().cpu()
+        known = group[self._known(group)] if not group.is_floating_point() and group.ndim == 1 else group[:0]
+        if known.numel() and int(known.max()) >= restored:
+            raise TrainingSetChangedError(
+                f"Expected group ids below the checkpoint's {restored} groups ({type(self).__name__} restored "
+                f"{restored}-group state and takes num_groups from it), but this batch holds group id "
+                f"{int(known.max())}: the data changed since the checkpoint was written. No state was updated. "
+                f"{self._group_count_fix(restored)}"
+            ) from err
+
     def setup_groups(self, trainer: pl.Trainer | None) -> None:  # pragma: no cover - subclass hook
         """Allocate the per-group state on first use."""
 
@@ -99,7 +158,11 @@ class GroupCallback(WeightingCallback):
                 "`group` to each batch)."
             )
         self.setup_groups(trainer)
-        self._prepared = (batch, *self._bucket_and_count(batch.group, batch))
+        try:
+            self._prepared = (batch, *self._bucket_and_count(batch.group, batch))
+        except ValueError as err:
+            self._refuse_ids_beyond_restored_groups(batch.group, err)
+            raise
 
     def _bucket_and_count(self, group: Tensor, batch: GlobalBatch | None = None) -> tuple[Tensor, Tensor]:
         """Validate the batch's ids once and return ``(bucket ids, counts)``: ids with every ``ignore_index``

@@ -200,8 +200,8 @@ class AdaWAC(WeightingCallback):
 
     # ------------------------------------------------------------------ checkpoint
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Validate the checkpointed β columns (finite, in [0, 1], β_sup + β_cons = 1) before loading anything."""
+    def check_state_dict(self, state_dict: Any) -> Any:
+        """Also validate the checkpointed β columns (finite, in [0, 1], β_sup + β_cons = 1); assigns nothing."""
         where = f"AdaWAC[{self.state_key}]['table']"
         table = state_dict.get("table") if isinstance(state_dict, dict) else None
         if table is not None:
@@ -213,7 +213,7 @@ class AdaWAC(WeightingCallback):
             if sup.numel() and float((sup.double() + cons.double() - 1).abs().max()) > 1e-3:
                 raise CheckpointStateError(f"{where}['columns']", "beta_cons",
                                            "expected beta_sup + beta_cons = 1 for every sample, but they differ.")
-        super().load_state_dict(state_dict)
+        return super().check_state_dict(state_dict)
 
     # ------------------------------------------------------------------ logging
     @override

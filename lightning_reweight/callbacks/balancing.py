@@ -333,19 +333,23 @@ class GroupBalancing(WeightingCallback):
         return {"total_steps": self._total_steps, "draws": self._draws.detach().to("cpu", copy=True)}
 
     @override
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Validate, then restore the epoch's draw counts. ``total_steps`` is derived from this run's Trainer (it
-        depends on the world size), so a resume on another world size follows this run's step schedule."""
+    def check_extra_state(self, state: dict[str, Any]) -> Tensor | None:
+        """Validate the epoch's draw counts (returned); assigns nothing. ``total_steps`` is derived from this
+        run's Trainer (it depends on the world size), so a resume on another world size follows this run's step
+        schedule: it is only checked."""
         from lightning_reweight.state.validate import as_int, as_tensor, require_keys
 
-        where = f"{self.state_key}['extra']"
+        where = self.checkpoint_where
         state = require_keys(state, [], where)
         if "total_steps" in state:
             as_int(state, "total_steps", where, minimum=1, optional=True)
-        draws = None
-        if state.get("draws") is not None:
-            length = self.counts.numel() if self.counts is not None else None
-            draws = as_tensor(state, "draws", where, length=length if length and state["draws"].numel() else None,
-                              minimum=0.0)
-        if draws is not None:
-            self._draws = draws.to(torch.float64).clone()
+        if state.get("draws") is None:
+            return None
+        length = self.counts.numel() if self.counts is not None else None
+        return as_tensor(state, "draws", where, length=length if length and state["draws"].numel() else None,
+                         minimum=0.0)
+
+    @override
+    def assign_extra_state(self, checked: Tensor | None) -> None:
+        if checked is not None:
+            self._draws = checked.to(torch.float64).clone()

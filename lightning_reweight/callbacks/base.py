@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_reweight.callbacks._restore import checkpoint_entry, warn_unmatched
 from lightning_reweight.callbacks.logging import log_weight_stats
 from lightning_reweight.engine import TWO_LINES, GlobalBatch
 from lightning_reweight.state.table import DEFAULT_COLUMNS, Column, SampleStateTable, _spec_to_dict
@@ -72,11 +75,20 @@ class WeightingCallback(Callback):
     rejected in the propose or validate phase therefore leaves every callback as it was. ``on_weights_computed``
     must not raise on a validated batch (do any check that could fail in ``validate_batch``).
 
-    **Restoring state.** ``load_state_dict`` validates the table (``SampleStateTable.validate_state``) and then
-    calls ``load_extra_state``, which must read *all* of its entries through the helpers of
-    ``lightning_reweight.state.validate`` (``where=self.checkpoint_where``) before assigning any of them; the
-    table is assigned last. A bad checkpoint raises ``CheckpointStateError`` naming the key and leaves the
-    callback unchanged.
+    **Restoring state.** Validation and assignment are separate: ``check_state_dict`` validates the whole entry
+    (``check_extra_state``, which reads every extra entry through the helpers of
+    ``lightning_reweight.state.validate`` with ``where=self.checkpoint_where``, then the table with
+    ``SampleStateTable.validate_state`` against ``declared_columns()``) and assigns nothing;
+    ``load_state_dict`` runs it and then assigns (``assign_extra_state``, the table last). Under a Trainer,
+    ``on_load_checkpoint`` runs ``check_state_dict`` on this callback's entry, and Lightning calls it on every
+    callback before it calls any ``load_state_dict``: a bad entry of any lightning_reweight callback stops the
+    resume before any callback was assigned. A bad entry raises ``CheckpointStateError`` naming the key.
+
+    **Another configuration.** An ``ema`` column whose checkpointed decay differs from this callback's
+    (``ema_decay=0.5`` resumed with ``ema_decay=0.9``) continues with the constructor's decay, with a warning
+    naming both (its values so far are kept); a column of another kind is refused. A checkpointed table that
+    ``track_samples=False`` drops is warned about, and so is a checkpoint that holds this class's state only
+    under another ``state_key`` (another rule or ``name``), or none at all.
 
     **Training set size.** A table restored from a checkpoint must have as many rows as the training set
     (``num_samples``, or the train dataloader's data set length): otherwise ``TrainingSetChangedError`` is
@@ -218,11 +230,28 @@ class WeightingCallback(Callback):
         """Anything besides the table that a resume needs."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore ``extra_state()``. Read every entry through ``lightning_reweight.state.validate`` first
-        (``as_tensor(state, "q", self.checkpoint_where, ...)``), then assign: a bad entry must raise
-        ``CheckpointStateError`` before anything changed."""
+    def check_extra_state(self, state: dict[str, Any]) -> Any:
+        """Validate ``extra_state()``'s checkpointed form and return what ``assign_extra_state`` takes; assigns
+        nothing. Read every entry through ``lightning_reweight.state.validate``
+        (``as_tensor(state, "q", self.checkpoint_where, ...)``): a bad entry raises ``CheckpointStateError``."""
+        return state
+
+    def assign_extra_state(self, checked: Any) -> None:
+        """Assign what ``check_extra_state`` returned (must not raise)."""
         return None
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore ``extra_state()``: ``check_extra_state``, then ``assign_extra_state``.
+
+        Subclasses implement the two halves; a subclass that overrides only this method (validating, then
+        assigning) still works, but its extra state is then validated at assignment, not in the dry run."""
+        self.assign_extra_state(self.check_extra_state(state))
+
+    def _legacy_extra(self) -> bool:
+        """Whether a subclass overrides ``load_extra_state`` instead of the check/assign halves."""
+        cls = type(self)
+        return (cls.load_extra_state is not WeightingCallback.load_extra_state
+                and cls.check_extra_state is WeightingCallback.check_extra_state)
 
     # ------------------------------------------------------------------ table
     def declared_columns(self) -> dict[str, Column]:
@@ -357,14 +386,6 @@ class WeightingCallback(Callback):
         """Why this callback cannot run outside the Trainer's loops (``None``: it can), with what to use there."""
         return None
 
-    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Validate a ``state_dict()`` entry without assigning anything (raises ``CheckpointStateError``)."""
-        probe = type(self).__new__(type(self))
-        probe.__dict__.update(self.__dict__)
-        probe.table = None  # the probe must not adopt the live table's storage
-        probe._pending_table_state = None
-        probe.load_state_dict(state_dict)
-
     def log_step(self, ctx: Any, module: Any) -> None:
         """Log the last committed step's weights at this callback's cadence (the Trainer does it in
         ``on_train_batch_end``; the other doors right after the step)."""
@@ -451,32 +472,108 @@ class WeightingCallback(Callback):
             table = None
         return {"table": table, "extra": self.extra_state(), "optimizer_steps": self.optimizer_steps}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Validate the whole entry (table, then ``load_extra_state``), then assign; nothing is half restored."""
+    def check_state_dict(self, state_dict: Any) -> CheckedState:
+        """Validate a checkpoint entry (``state_dict()`` form) without assigning anything; ``load_state_dict``
+        assigns the result. Raises ``CheckpointStateError`` (naming the key) or ``TrainingSetChangedError``."""
         where = f"callbacks[{self.state_key!r}]"
         require_keys(state_dict, [], where)  # a dict; both entries are optional (a callback without state)
         table_state, extra = state_dict.get("table"), state_dict.get("extra", {})
-        validated = None
-        if table_state is not None and self.track_samples and not self.fresh_table:
-            validated = SampleStateTable.validate_state(table_state, f"{where}['table']",
-                                                        expected=self.declared_columns())
-            if self.table is not None and validated[0] != self.table.num_samples:
-                raise TrainingSetChangedError(
-                    f"Expected the checkpointed per-sample table of {type(self).__name__} to have "
-                    f"{self.table.num_samples} rows (the training set), but it has {validated[0]}. Resume with the "
-                    "same training set, or set `fresh_table=True` on the callback to start its table fresh."
-                )
         if not isinstance(extra, Mapping):
             raise CheckpointStateError(where, "extra", f"expected a dict, but got {type(extra).__name__}.")
+        extra = dict(extra)
         steps = as_int(state_dict, "optimizer_steps", where, minimum=0) if "optimizer_steps" in state_dict else 0
-        self.load_extra_state(dict(extra))  # validates all of its entries, then assigns
-        self.optimizer_steps = steps
-        if validated is not None:
+        checked_extra = extra if self._legacy_extra() else self.check_extra_state(extra)
+        validated, notes = None, []
+        if table_state is not None and not self.fresh_table and not self.track_samples:
+            rows = table_state.get("num_samples") if isinstance(table_state, Mapping) else None
+            notes.append(
+                f"{type(self).__name__} ({self.state_key!r}) has `track_samples=False`, but the checkpoint holds its "
+                f"per-sample table ({rows} rows): the table is dropped. To keep it, resume with `track_samples=True`."
+            )
+        elif table_state is not None and not self.fresh_table:
+            n, specs, cols = SampleStateTable.validate_state(table_state, f"{where}['table']",
+                                                             expected=self.declared_columns())
+            if self.table is not None and n != self.table.num_samples:
+                raise TrainingSetChangedError(
+                    f"Expected the checkpointed per-sample table of {type(self).__name__} to have "
+                    f"{self.table.num_samples} rows (the training set), but it has {n}. Resume with the "
+                    "same training set, or set `fresh_table=True` on the callback to start its table fresh."
+                )
+            specs, notes = self._reconcile_specs(specs, f"{where}['table']['specs']")
+            validated = (n, specs, cols)
+        return CheckedState(validated, checked_extra, notes, steps)
+
+    def _reconcile_specs(self, specs: dict[str, Column], where: str) -> tuple[dict[str, Column], list[str]]:
+        """The specs the restored table continues with: this callback's declared ones (the constructor wins),
+        with a note for each EMA decay that changed; a declared column of another kind is refused."""
+        specs, notes = dict(specs), []
+        for name, declared in self.declared_columns().items():
+            old = specs[name]  # ``validate_state(expected=...)`` checked it is there
+            if old.kind != declared.kind:
+                raise CheckpointStateError(
+                    where, name, f"expected a {declared.kind!r} column (this callback's), but the checkpoint's is "
+                    f"{old.kind!r}: it was written by another configuration.",
+                    fix="Resume with the configuration that wrote it, or start the per-sample table fresh with "
+                        "`fresh_table=True` (the rest of the state is restored).")
+            if declared.kind == "ema" and old.decay != declared.decay:
+                arg = "`ema_decay`" if name == "ema_loss" else "the constructor"
+                notes.append(
+                    f"{type(self).__name__} ({self.state_key!r}): the checkpointed per-sample column {name!r} was "
+                    f"written with EMA decay {old.decay}; this callback's {arg} sets {declared.decay}, which applies "
+                    f"from now on (the values so far are kept). To keep {old.decay}, resume with "
+                    f"{'ema_decay=' if name == 'ema_loss' else 'decay '}{old.decay}."
+                )
+            specs[name] = declared
+        return specs, notes
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Validate the whole entry (``check_state_dict``), then assign; nothing is half restored."""
+        self._assign_state(self.check_state_dict(state_dict))
+
+    def _assign_state(self, checked: CheckedState) -> None:
+        if self._legacy_extra():
+            self.load_extra_state(checked.extra)  # validates, then assigns (before the table)
+        else:
+            self.assign_extra_state(checked.extra)
+        self.optimizer_steps = checked.optimizer_steps
+        for note in checked.notes:
+            rank_zero_warn(note)
+        if checked.table is not None:
             if self.table is not None:
-                self.table._adopt(validated[1], validated[2])
+                for name, spec in checked.table[1].items():
+                    self.table.specs[name] = spec
+                self.table._adopt(checked.table[1], checked.table[2])
             else:
-                self._pending_table_state = validated
+                self._pending_table_state = checked.table
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Dry run: validate this callback's entry before Lightning assigns any callback's state (it calls this
+        hook on every callback first); name the state another configuration wrote (``warn_unmatched``)."""
+        entry = checkpoint_entry(self, checkpoint)
+        if entry is not None:
+            self.check_state_dict(entry)
+        else:
+            warn_unmatched(self, checkpoint, "its per-sample table and method state")
+
+
+@dataclass
+class CheckedState:
+    """A validated checkpoint entry of a ``WeightingCallback``, ready to assign (``check_state_dict``).
+
+    Attributes:
+        table: ``(num_samples, specs, columns)`` of the table to restore, or ``None``.
+        extra: what ``check_extra_state`` returned.
+        notes: warnings to emit when the state is assigned (a changed EMA decay, a dropped table).
+        optimizer_steps: the optimizer steps the callback counted outside the Trainer (Fabric, ``Reweighter``).
+    """
+
+    table: tuple[int, dict[str, Column], dict[str, Tensor]] | None
+    extra: Any
+    notes: list[str] = field(default_factory=list)
+    optimizer_steps: int = 0
 
 
 def weighting_callbacks(trainer: pl.Trainer | None) -> list[WeightingCallback]:

@@ -203,16 +203,17 @@ class FairErrorBoundScaling(GroupCallback):
             "steps": self.steps,
         }
 
-    def _read_extra(self, state: Any) -> tuple[Tensor | None, Tensor | None, int] | None:
+    def check_extra_state(self, state: dict[str, Any]) -> tuple[Tensor | None, Tensor | None, int] | None:
         """Validate a checkpoint's extra state (``None``: nothing saved, start fresh); assigns nothing."""
-        where = f"FairErrorBoundScaling[{self.state_key}]['extra']"
-        if isinstance(state, dict) and not state:
+        where = self.checkpoint_where
+        if not state:
             return None
         require_keys(state, ["errors", "seen", "steps"], where)
         steps = as_int(state, "steps", where, minimum=0)
         if state["errors"] is None:
             return None, None, steps
-        errors = as_tensor(state, "errors", where, length=self.num_groups)
+        errors = as_tensor(state, "errors", where)
+        self.check_group_count(state, "errors", errors.numel())
         seen = as_tensor(state, "seen", where, kind="any", length=errors.shape[0])
         if seen.dtype != torch.bool:
             raise CheckpointStateError(where, "seen", f"expected a bool tensor, but got dtype {seen.dtype}.")
@@ -220,16 +221,14 @@ class FairErrorBoundScaling(GroupCallback):
             raise CheckpointStateError(where, "errors", "expected 0 for every group not seen yet, but got others.")
         return errors.detach().to("cpu", torch.float64).clone(), seen.detach().cpu().clone(), steps
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)
-        super().load_state_dict(state_dict)
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        read = self._read_extra(state)
-        if read is None:
+    def assign_extra_state(self, checked: tuple[Tensor | None, Tensor | None, int] | None) -> None:
+        if checked is None:
             return
-        errors, seen, steps = read
+        errors, seen, steps = checked
         self._steps_device = None  # device counts of the run before the restore are superseded
         if errors is not None:
-            self.errors, self.seen = errors, seen
+            self.errors, self.seen, self._restored_state = errors, seen, True
         self.steps = steps
+
+    def restored_groups(self) -> int | None:
+        return None if self.errors is None else self.errors.numel()

@@ -196,29 +196,28 @@ class GroupDRO(GroupCallback):
     def extra_state(self) -> dict[str, Any]:
         return {"q": None if self.q is None else self.q.detach().to("cpu", copy=True), "steps": self.steps}
 
-    def _read_extra(self, state: Any) -> tuple[Tensor | None, int] | None:
+    def check_extra_state(self, state: dict[str, Any]) -> tuple[Tensor | None, int] | None:
         """Validate a checkpoint's extra state (``None``: nothing saved, start fresh); assigns nothing."""
-        where = f"GroupDRO[{self.state_key}]['extra']"
-        if isinstance(state, dict) and not state:
+        where = self.checkpoint_where
+        if not state:
             return None
         require_keys(state, ["q", "steps"], where)
         steps = as_int(state, "steps", where, minimum=0)
         if state["q"] is None:
             return None, steps
-        q = as_distribution(state, "q", where, length=self.num_groups)
+        q = as_distribution(state, "q", where)
         if q.numel() == 0:
             raise CheckpointStateError(where, "q", "expected at least one group, but got an empty tensor.")
+        self.check_group_count(state, "q", q.numel())
         return q.detach().to("cpu", torch.float64).clone(), steps
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)
-        super().load_state_dict(state_dict)
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        read = self._read_extra(state)
-        if read is None:
+    def assign_extra_state(self, checked: tuple[Tensor | None, int] | None) -> None:
+        if checked is None:
             return
-        q, steps = read
+        q, steps = checked
         if q is not None:
-            self.q = q
+            self.q, self._restored_state = q, True
         self.steps = steps
+
+    def restored_groups(self) -> int | None:
+        return None if self.q is None else self.q.numel()

@@ -314,14 +314,18 @@ class ImportanceSampling(WeightingCallback):
         return {"refreshes": self._refreshes, "draws": self._draws.detach().to("cpu", copy=True)}
 
     @override
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Validate everything, then restore (nothing is assigned when an entry is bad)."""
+    def check_extra_state(self, state: dict[str, Any]) -> tuple[int, Tensor | None]:
+        """Validate ``(refreshes, draws)`` (returned); assigns nothing."""
         from lightning_reweight.state.validate import as_int, as_tensor, require_keys
 
-        where = f"{self.state_key}['extra']"
+        where = self.checkpoint_where
         state = require_keys(state, [], where)
         refreshes = as_int(state, "refreshes", where, minimum=0) if "refreshes" in state else 0
         draws = as_tensor(state, "draws", where, minimum=0.0) if state.get("draws") is not None else None
-        self._refreshes = refreshes
+        return refreshes, draws
+
+    @override
+    def assign_extra_state(self, checked: tuple[int, Tensor | None]) -> None:
+        self._refreshes, draws = checked
         if draws is not None:
             self._draws = draws.to(torch.float64).clone()

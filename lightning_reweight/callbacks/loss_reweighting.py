@@ -337,11 +337,10 @@ class LossReweighting(WeightingCallback):
         self._fold_collapses()
         return {"rule": self.rule.state_dict(), "ess_collapsed_steps": self.ess_collapsed_steps}
 
-    def _read_extra(self, state: Any) -> tuple[Rule, int]:
-        """Validate a checkpoint's extra state into a restored copy of the rule; assigns nothing."""
-        where = f"LossReweighting[{self.state_key}]['extra']"
-        if not isinstance(state, dict):
-            raise CheckpointStateError(where, None, f"expected a dict, but got {type(state).__name__}.")
+    def check_extra_state(self, state: dict[str, Any]) -> tuple[Rule, int]:
+        """Validate a checkpoint's extra state into a restored copy of the rule; assigns nothing. A rule with
+        state (KL-DRO's normaliser) refuses a checkpoint without it (``CheckpointStateError`` naming the key)."""
+        where = self.checkpoint_where
         collapsed = as_int(state, "ess_collapsed_steps", where, minimum=0) if "ess_collapsed_steps" in state else 0
         rule = copy.deepcopy(self.rule)  # a rule is small (no per-sample state)
         try:
@@ -350,11 +349,6 @@ class LossReweighting(WeightingCallback):
             raise CheckpointStateError(f"{where}['rule']", err.key, str(err).split(": ", 1)[-1], fix="") from err
         return rule, collapsed
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # validate the extra state first, so a bad entry leaves the table and the rule untouched
-        self._read_extra(state_dict.get("extra", {}) if isinstance(state_dict, dict) else state_dict)
-        super().load_state_dict(state_dict)
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.rule, self.ess_collapsed_steps = self._read_extra(state)
+    def assign_extra_state(self, checked: tuple[Rule, int]) -> None:
+        self.rule, self.ess_collapsed_steps = checked
         self._collapsed_device = None  # device counts of the run before the restore are superseded

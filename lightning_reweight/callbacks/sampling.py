@@ -23,6 +23,9 @@ is per rank: on another number of processes it no longer says how much of the ep
   indices of the interrupted epoch. On another world size it checks that every rank still gets the same
   number of batches for the rest of the epoch (else it refuses, naming both world sizes) and sets the fit
   loop's batch counter of the epoch so that the epoch ends exactly when the remainder is used up.
+* ``on_load_checkpoint`` (before any callback's state is assigned): refuses a mid-epoch checkpoint that holds no
+  sampler state (``CheckpointStateError``; ``restart_epoch=True`` restarts that epoch instead, running all its
+  batches). A run without a managed sampler saves ``{"samplers": []}``, so its checkpoints are not refused.
 * checks DDP wiring: raises if Lightning wrapped a sampler in ``DistributedSamplerWrapper``
   (``use_distributed_sampler=True``) or if a sampler's ``num_replicas``/``rank`` disagree with the Trainer.
 * cross-rank guard (``check_ranks=True``): after the first batch of every epoch, one small all-gather
@@ -41,6 +44,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -53,8 +57,10 @@ from lightning_reweight.callbacks._install import (
     set_epoch_batches_done,
     wrap_train_source,
 )
+from lightning_reweight.callbacks._restore import checkpoint_entry
 from lightning_reweight.callbacks.consistency import check_rank_consistency
 from lightning_reweight.callbacks.logging import log_histogram, log_weight_stats
+from lightning_reweight.state.validate import CheckpointStateError
 
 __all__ = ["SamplerState", "ensure_sampler_state", "find_samplers", "install_sampler", "is_resumable_sampler"]
 
@@ -96,12 +102,24 @@ class SamplerState(Callback):
         check_ranks: under DDP, compare a fingerprint of every rank's planned sequence and of every
             ``WeightingCallback`` table once per epoch (one all-gather of a few int64; O(N) hashing of each
             table once per epoch) and fail on a mismatch. ``False`` turns the guard off.
+        restart_epoch: what to do with a mid-epoch checkpoint (Lightning's loop state says batches of the
+            current epoch were processed) that holds no sampler state (written without ``SamplerState``, or
+            its entry removed). ``False`` (default): refuse with ``CheckpointStateError`` before anything is
+            restored, since the sampler would restart the epoch while Lightning skips the batches already done
+            (samples repeated and dropped). ``True``: start that epoch afresh, knowingly: all of its batches
+            run (the ones trained before the checkpoint are trained again), and no sample is dropped.
+
+    Raises:
+        CheckpointStateError: at load, a malformed entry, or a mid-epoch checkpoint without sampler state
+            (unless ``restart_epoch=True``).
     """
 
     def __init__(self, log_stats: bool = True, log_histogram: bool = True, prefix: str = "sampler",
-                 check_ranks: bool = True) -> None:
+                 check_ranks: bool = True, restart_epoch: bool = False) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"Expected argument `prefix` to be a non-empty string, but got {prefix!r}.")
+        self.restart_epoch = bool(restart_epoch)
+        self._restart_pending = False
         self.check_ranks = bool(check_ranks)
         self._checked_epoch: int | None = None
         self.log_stats = bool(log_stats)
@@ -135,6 +153,10 @@ class SamplerState(Callback):
         self._trainer = trainer
         self._bind(trainer)
         pending, self._pending = self._pending, None
+        restart, self._restart_pending = self._restart_pending, False
+        if restart and pending is None:  # ``restart_epoch=True`` on a mid-epoch checkpoint without sampler state
+            set_epoch_batches_done(trainer, 0)
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)  # the epoch restarts on purpose
         if pending is not None:
             if len(pending) != len(self._bound):
                 raise RuntimeError(
@@ -269,18 +291,60 @@ class SamplerState(Callback):
             return {"samplers": [sampler.state_dict() for _, sampler in self._bound]}
         if self._pending is not None:
             return {"samplers": self._pending}
-        return {}
+        # training without a managed sampler: say so, so that a mid-epoch resume is not refused for lack of state
+        return {"samplers": []} if self._trainer is not None else {}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from lightning_reweight.state.validate import CheckpointStateError
-
+    def check_state_dict(self, state_dict: Any) -> list[dict[str, Any]] | None:
+        """Validate the entry's form (a list of sampler state dicts, or none) and return the list; assigns
+        nothing. Each sampler's own state is validated against the samplers at ``on_train_start``, all of them
+        before any is restored (the samplers do not exist before the train dataloader is built)."""
         samplers = state_dict.get("samplers") if isinstance(state_dict, dict) else None
         if samplers is not None and (not isinstance(samplers, list)
                                      or not all(isinstance(s, dict) for s in samplers)):
             raise CheckpointStateError("SamplerState.state_dict", "samplers",
                                        f"expected a list of sampler state dicts, but got {type(samplers).__name__}.")
-        self._pending = samplers  # validated against the samplers at on_train_start, before any is restored
+        return samplers
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = self.check_state_dict(state_dict)  # restored at on_train_start, after validation
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Before any callback's state is assigned: check this entry, and refuse a mid-epoch checkpoint that
+        holds no sampler state (unless ``restart_epoch=True``)."""
+        entry = checkpoint_entry(self, checkpoint)
+        samplers = self.check_state_dict(entry) if entry is not None else None
+        if samplers is not None or getattr(getattr(trainer, "state", None), "fn", None) != TrainerFn.FITTING:
+            return
+        done, epoch = _batches_done_mid_epoch(checkpoint)
+        if not done:
+            return
+        if not self.restart_epoch:
+            raise CheckpointStateError(
+                f"callbacks[{self.state_key!r}]", "samplers",
+                f"expected the state of the sampler(s) for the interrupted epoch {epoch} ({done} batches done), but "
+                "the checkpoint holds none (it was written without `SamplerState`, or the entry was removed). Resuming "
+                f"would restart the epoch's sampler while Lightning skips {done} batches: samples of epoch {epoch} "
+                "would be trained twice and others not at all.",
+                fix="Resume from a checkpoint written with `SamplerState` attached or from an end-of-epoch checkpoint, "
+                    f"or pass `SamplerState(restart_epoch=True)` to start epoch {epoch} afresh on purpose (its "
+                    f"first {done} batches are trained again).")
+        self._restart_pending = True
+
+
+def _batches_done_mid_epoch(checkpoint: Any) -> tuple[int, int]:
+    """``(batches processed in the current epoch, epoch)`` from Lightning's loop state when the checkpoint was
+    written inside an epoch (``(0, epoch)`` at an epoch's end or start, or without loop state)."""
+    epoch = checkpoint.get("epoch", 0) if isinstance(checkpoint, dict) else 0
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        done = int(progress["current"]["processed"])
+        last = bool(progress.get("is_last_batch", False))
+    except (KeyError, TypeError, ValueError):
+        return 0, epoch
+    return (0 if last else done), epoch
 
 
 def ensure_sampler_state(trainer: pl.Trainer, owner: str) -> Any:

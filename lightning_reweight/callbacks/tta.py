@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_reweight.callbacks._restore import checkpoint_entry
 from lightning_reweight.callbacks.logging import log_histogram, log_scalars
 from lightning_reweight.distributed import gather_rows
 from lightning_reweight.rules.tta import (
@@ -341,9 +342,31 @@ class EntropyAdaptation(Callback):
         """Resume from ``state_dict()``: γ/β, source snapshot and optimiser are applied when the next
         test/predict run starts (the model is not known before); counters and method state at once.
 
-        Everything is validated first (``CheckpointStateError`` names the key; nothing is assigned on error):
-        source and adapted γ/β (same names and shapes, finite; checked against the module's BatchNorm parameters
-        as soon as it is known), counters (non-negative ints), the last shift and the method state."""
+        Everything is validated first (``check_state_dict``; ``CheckpointStateError`` names the key; nothing is
+        assigned on error), then assigned."""
+        counters, last, extra = self.check_state_dict(state_dict)
+        self.counters = {**dict.fromkeys(_COUNTERS, 0), **counters}
+        self._last_shift = tuple(last) if last is not None else None
+        self.load_extra_state(extra)
+        self._pending = dict(state_dict)
+        self._resume_shift = True
+        if self._params and self._running:  # attached and inside a run: apply now (otherwise at the next run)
+            self._apply_pending()
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Dry run before Lightning assigns any callback's state (see ``callbacks/_restore.py``)."""
+        entry = checkpoint_entry(self, checkpoint)
+        if entry is not None:
+            self.check_state_dict(entry)
+
+    def check_state_dict(self, state_dict: Any) -> tuple[dict[str, int], Any, dict[str, Any]]:
+        """Validate a checkpoint entry without assigning anything; returns ``(counters, last_shift, extra)``.
+
+        Checks source and adapted γ/β (same names and shapes, finite; against the module's BatchNorm parameters
+        as soon as it is known), counters (non-negative ints), the last shift, the optimiser's form and the
+        method state (``validate_extra_state``)."""
         where = self._where
         require_keys(state_dict, ["source", "adapted", "optimizer", "counters", "last_shift", "extra"], where)
         source, adapted = state_dict["source"], state_dict["adapted"]
@@ -377,14 +400,7 @@ class EntropyAdaptation(Callback):
         extra = self.validate_extra_state(state_dict["extra"], set(source))
         if self._params:
             self._check_against_module(state_dict)
-        # every check passed: assign
-        self.counters = {**dict.fromkeys(_COUNTERS, 0), **counters}
-        self._last_shift = tuple(last) if last is not None else None
-        self.load_extra_state(extra)
-        self._pending = dict(state_dict)
-        self._resume_shift = True
-        if self._params and self._running:  # attached and inside a run: apply now (otherwise at the next run)
-            self._apply_pending()
+        return counters, last, extra
 
     # ------------------------------------------------------------------ internals: setup / teardown
     def _resolve_target(self, pl_module: pl.LightningModule) -> nn.Module:

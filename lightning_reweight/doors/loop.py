@@ -270,10 +270,9 @@ class Reweighter:
                 where, "callbacks",
                 f"expected entries for {sorted(keys)}, but got {sorted(entries)}: the checkpoint was written with "
                 "other callbacks or other constructor arguments. Build the Reweighter with the same callbacks.")
-        for cb in self.callbacks:  # validate all, then assign all
-            cb.check_state_dict(entries[cb.state_key])
-        for cb in self.callbacks:
-            cb.load_state_dict(entries[cb.state_key])
+        checked = [cb.check_state_dict(entries[cb.state_key]) for cb in self.callbacks]  # validate all ...
+        for cb, state in zip(self.callbacks, checked):  # ... then assign all
+            cb._assign_state(state)
         self.micro_steps, self.context.current_epoch = micro, epoch
 
 

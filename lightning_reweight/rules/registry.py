@@ -237,14 +237,18 @@ class KLDRORule(Rule):
         return {"log_z": self.log_normalizer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``log_z`` (validated first: a finite number or ``None``; a missing key means ``None``)."""
+        """Restore ``log_z``, validated first: a finite number, or ``None`` (no step taken yet: the normaliser
+        starts fresh). A state without ``log_z`` (e.g. one written by another rule) is refused, naming the key."""
         where = "KLDRORule"
         if not isinstance(state, dict):
             raise CheckpointStateError(where, None, f"expected a dict, but got {type(state).__name__}.")
-        if state and "log_z" not in state:  # an empty dict (no state saved yet) starts fresh
-            raise CheckpointStateError(where, "log_z", f"missing key; present: {sorted(state)}.")
-        log_z = as_float(state, "log_z", where, optional=True) if state else None
-        self._log_z = log_z
+        if "log_z" not in state:
+            raise CheckpointStateError(
+                where, "log_z", f"missing key; present: {sorted(state)}. The state was not written by the KL-DRO "
+                "rule, and restoring it would restart the EMA normaliser.",
+                fix="Resume from a checkpoint written with rule 'kl_dro', or start the normaliser fresh on purpose "
+                    "by setting the entry's 'log_z' to None.")
+        self._log_z = as_float(state, "log_z", where, optional=True)
 
 
 RULES: dict[str, Callable[..., Rule]] = {

@@ -185,7 +185,8 @@ def test_bad_checkpoint_state_is_refused_before_anything_is_assigned(extra, key,
         cb.load_state_dict({"table": None, "extra": extra})
     assert err.value.key == key and "GroupDRO" in str(err.value)
     assert cb.q is None and cb.steps == 0
-    with pytest.raises(CheckpointStateError, match="length 2"):
+    with pytest.raises(CheckpointStateError, match=r"expected 2 groups \(num_groups=2\), but the checkpoint's 'q' has 3"
+                                                   r".*pass `num_groups=3`"):
         GroupDRO(num_groups=2).load_state_dict({"extra": {"q": torch.full((3,), 1 / 3, dtype=torch.float64),
                                                           "steps": 1}})
 
@@ -212,3 +213,64 @@ def test_non_negative_ignore_index_and_float_group_ids():
         check_groups(torch.tensor([0.9, 1.0]), 2, -1)
     with pytest.raises(TypeError, match="integer ids"):
         check_groups(torch.tensor([True, False]), 2, -1)
+
+
+# ------------------------------------------------------------------ a checkpoint of data with other groups
+def _two_group_checkpoint(tmp_path, cls=GroupDRO):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    make_trainer([cls(), ckpt], tmp_path / "a", enable_checkpointing=True).fit(
+        GroupedModule(), make_grouped_loader(n=16, num_groups=2))
+    return next((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("cls", ["GroupDRO", "FairErrorBoundScaling"])
+def test_inferred_num_groups_refuses_a_checkpoint_of_another_group_count(tmp_path, cls):
+    """``num_groups`` inferred: a 2-group checkpoint on 3-group data is refused before the first step, naming
+    both counts and the fix (not one step later with a group-id error, nor trained on with 2 groups)."""
+    from lightning_reweight.callbacks.febs import FairErrorBoundScaling
+    from lightning_reweight.state.validate import TrainingSetChangedError
+
+    cls = {"GroupDRO": GroupDRO, "FairErrorBoundScaling": FairErrorBoundScaling}[cls]
+    path = _two_group_checkpoint(tmp_path, cls)
+    resumed, module = cls(), GroupedModule()
+    with pytest.raises(TrainingSetChangedError, match=r"checkpoint's 2 groups, but its group ids give 3 groups.*"
+                                                      r"pass `num_groups=2`.*deleting `checkpoint\['callbacks'\]"):
+        make_trainer([resumed], tmp_path / "b", max_epochs=2).fit(module, make_grouped_loader(n=24, num_groups=3),
+                                                                  ckpt_path=path)
+    assert module.records == [] and resumed.steps == 2  # no step taken: the restored state is as saved
+    state = resumed.q if cls is GroupDRO else resumed.errors
+    assert state.numel() == 2
+    # the same data as the checkpoint's resumes
+    make_trainer([cls()], tmp_path / "c", max_epochs=2).fit(GroupedModule(), make_grouped_loader(n=16, num_groups=2),
+                                                            ckpt_path=path)
+
+
+def test_explicit_num_groups_refuses_a_checkpoint_of_another_group_count_at_load(tmp_path):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    path = _two_group_checkpoint(tmp_path)
+    resumed, module = GroupDRO(num_groups=3), GroupedModule()
+    with pytest.raises(CheckpointStateError, match=r"expected 3 groups \(num_groups=3\), but the checkpoint's 'q' has 2"
+                                                   r".*deleting `checkpoint\['callbacks'\]"):
+        make_trainer([resumed], tmp_path / "b", max_epochs=2).fit(module, make_grouped_loader(n=24, num_groups=3),
+                                                                  ckpt_path=path)
+    assert module.records == [] and resumed.q is None and resumed.steps == 0
+
+
+def test_restored_groups_are_checked_at_the_first_step_when_the_data_set_has_no_group_ids(tmp_path):
+    """Group ids only in the batches (no ``groups`` on the data set): the first step names the checkpoint's
+    group count and the fix, and changes nothing."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_reweight.state.validate import TrainingSetChangedError
+
+    cb = GroupDRO()
+    q = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    cb.load_state_dict({"table": None, "extra": {"q": q.clone(), "steps": 4}})
+    n = 12
+    ds = TensorDataset(torch.randn(n, 4), torch.randint(0, 3, (n,)), torch.arange(n), torch.arange(n) % 3)
+    module = GroupedModule()
+    with pytest.raises(TrainingSetChangedError, match=r"group ids below the checkpoint's 2 groups.*group id 2.*"
+                                                      r"No state was updated.*pass `num_groups=2`"):
+        make_trainer([cb], tmp_path).fit(module, DataLoader(ds, batch_size=6))
+    assert torch.equal(cb.q, q) and cb.steps == 4

@@ -493,6 +493,22 @@ def test_eata_state_is_validated_before_anything_is_assigned(path, value, key):
     assert cb.counters == state["counters"]
 
 
+def test_a_bad_tta_entry_is_refused_in_the_dry_run_before_any_callback_is_assigned():
+    """``on_load_checkpoint`` (which Lightning calls on every callback before any ``load_state_dict``) checks the
+    entry without assigning it, so another callback's good entry is not assigned either."""
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    _, state = _eata_state()
+    cb = EATA(fisher_alpha=1.0, reset="continual")
+    before = cb.state_dict()
+    bad = _corrupt(state, ("counters", "backward_passes"), -3)
+    with pytest.raises(CheckpointStateError, match="backward_passes.*expected an int >= 0"):
+        cb.on_load_checkpoint(None, None, {"callbacks": {cb.state_key: bad}})
+    assert cb.state_dict() == before
+    cb.on_load_checkpoint(None, None, {"callbacks": {cb.state_key: state}})  # a good entry: checked, not assigned
+    assert cb.state_dict() == before
+
+
 def test_tta_source_parameters_must_match_the_module():
     from lightning_reweight.state.validate import CheckpointStateError
 

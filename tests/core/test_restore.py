@@ -165,3 +165,111 @@ def test_corrupted_lightning_checkpoint_stops_the_resume_naming_the_key(tmp_path
     with pytest.raises(CheckpointStateError, match=r"\['table'\]\['columns'\]\['weight'\]: expected finite values"):
         make_trainer([resumed], tmp_path, max_epochs=2).fit(module, make_loader(n=16), ckpt_path=path)
     assert module.records == [] and resumed.table is None and resumed._pending_table_state is None
+
+
+# ---------------------------------------------------------------- another configuration wrote the state
+def test_changed_ema_decay_continues_with_the_constructors_value_and_warns():
+    """A table written with ``ema_decay=0.5`` resumed with 0.9: the constructor wins (a Lightning user expects
+    the config they pass to apply), with a warning naming both values; the column's values are kept."""
+    state = _trained_state(16, ema_decay=0.5)
+    assert state["table"]["specs"]["ema_loss"]["decay"] == 0.5
+    saved = state["table"]["columns"]["ema_loss"].clone()
+    cb = LossReweighting("linupper", warmup_steps=0, ema_decay=0.9)
+    with pytest.warns(UserWarning, match=r"'ema_loss' was written with EMA decay 0.5; this callback's `ema_decay` "
+                                         r"sets 0.9.*resume with ema_decay=0.5"):
+        cb.load_state_dict(state)
+    make_trainer([cb], None).fit(TinyModule(), make_loader(n=16, batch_size=16))
+    table = cb.table
+    assert table.specs["ema_loss"].decay == 0.9
+    new_loss = table["loss"]  # the one step after the restore
+    torch.testing.assert_close(table["ema_loss"], 0.9 * saved + 0.1 * new_loss)
+
+
+def test_a_column_of_another_kind_is_refused_naming_fresh_table():
+    state = _good_state()
+    state["table"]["specs"]["ema_loss"] = {"kind": "last", "init": float("nan"), "decay": 0.9, "dtype": "float32"}
+    cb = WithExtra()
+    with pytest.raises(CheckpointStateError, match=r"\['specs'\]\['ema_loss'\]: expected a 'ema' column.*'last'.*"
+                                                   r"`fresh_table=True`"):
+        cb.load_state_dict(state)
+    assert cb._pending_table_state is None and cb.steps == 0
+
+
+def test_a_table_that_track_samples_false_drops_is_warned_about():
+    state = _trained_state(16)
+    cb = LossReweighting("linupper", warmup_steps=0, track_samples=False)
+    with pytest.warns(UserWarning, match=r"`track_samples=False`, but the checkpoint holds its per-sample table "
+                                         r"\(16 rows\): the table is dropped.*`track_samples=True`"):
+        cb.load_state_dict(state)
+    assert cb.table is None and cb._pending_table_state is None
+
+
+def _checkpoint(tmp_path, callbacks, n=16):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    make_trainer([*callbacks, ckpt], tmp_path, max_epochs=1, enable_checkpointing=True).fit(TinyModule(),
+                                                                                           make_loader(n=n))
+    return next((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_state_written_by_another_rule_is_named_and_dropped(tmp_path):
+    """linupper -> kl_dro: Lightning keys the entry by ``state_key`` (which holds the rule), so ours is missing;
+    the warning names the entry that is dropped and how to keep it."""
+    path = _checkpoint(tmp_path, [LossReweighting("linupper", warmup_steps=0)])
+    resumed = LossReweighting("kl_dro")
+    with pytest.warns(UserWarning, match=r"holds LossReweighting state under \[\"LossReweighting\{'rule': 'linupper'"
+                                         r".*another configuration.*dropped.*resume with the configuration that "
+                                         r"wrote it"):
+        make_trainer([resumed], tmp_path, max_epochs=2).fit(TinyModule(), make_loader(n=16), ckpt_path=path)
+    assert int(resumed.table["count"].sum()) == 16  # started fresh: one epoch of counts
+
+
+def test_a_missing_entry_for_an_attached_callback_is_warned_about(tmp_path):
+    path = _checkpoint(tmp_path, [])
+    with pytest.warns(UserWarning, match=r"holds no state for LossReweighting.*start\(s\) fresh"):
+        make_trainer([LossReweighting("linupper")], tmp_path, max_epochs=2).fit(TinyModule(), make_loader(n=16),
+                                                                                ckpt_path=path)
+
+
+# ---------------------------------------------------------------- every entry checked before any is assigned
+def _snapshot(cb):
+    return {"log_z": cb.rule.state_dict(), "steps": cb.ess_collapsed_steps,
+            **{k: v.clone() for k, v in cb.table.columns.items()}}
+
+
+def test_a_bad_entry_of_a_later_callback_leaves_the_earlier_one_unassigned(tmp_path):
+    """Lightning calls ``on_load_checkpoint`` on every callback before any ``load_state_dict``: each of ours
+    validates its entry there, so the second callback's corrupted entry stops the resume before the first
+    (whose entry is good) is assigned."""
+    first, second = LossReweighting("kl_dro", normalizer="ema", name="a"), LossReweighting("linupper", name="b")
+    path = _checkpoint(tmp_path / "one", [first, second])
+    make_trainer([first, second], tmp_path / "two", max_epochs=2).fit(TinyModule(), make_loader(n=16))  # moves on
+    before = _snapshot(first)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["callbacks"][second.state_key]["table"]["columns"]["count"][0] = -3
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointStateError, match=r"'name': 'b'.*\['table'\]\['columns'\]\['count'\]: expected "
+                                                   r"values >= 0.*deleting its entry"):
+        make_trainer([first, second], tmp_path / "three", max_epochs=3).fit(TinyModule(), make_loader(n=16),
+                                                                            ckpt_path=path)
+    after = _snapshot(first)
+    assert after.pop("log_z") == before.pop("log_z") and after.pop("steps") == before.pop("steps")
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert int(first.table["count"].sum()) == 48  # its own three epochs, not the checkpoint's one
+
+
+def test_fabric_load_validates_through_load_state_dict(tmp_path):
+    """Fabric's ``load`` calls ``load_state_dict`` directly (no ``on_load_checkpoint``): still validated."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    cb = WithExtra()
+    cb.load_state_dict(_good_state())
+    fabric.save(tmp_path / "state.ckpt", {"cb": cb})
+    checkpoint = torch.load(tmp_path / "state.ckpt", weights_only=False)
+    checkpoint["cb"]["extra"]["steps"] = -1
+    torch.save(checkpoint, tmp_path / "state.ckpt")
+    target = WithExtra()
+    with pytest.raises(CheckpointStateError, match=r"\['extra'\]\['steps'\]: expected an int >= 0"):
+        fabric.load(tmp_path / "state.ckpt", {"cb": target})
+    assert target.steps == 0 and target._pending_table_state is None

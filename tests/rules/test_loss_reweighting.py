@@ -171,8 +171,28 @@ def test_kl_dro_state_with_a_missing_key_is_named():
     with pytest.raises(CheckpointStateError, match="missing key") as err:
         rule.load_state_dict({"logz": 0.3})
     assert err.value.key == "log_z" and rule.log_normalizer is None
-    rule.load_state_dict({})  # nothing saved yet: starts fresh
+    rule.load_state_dict({"log_z": None})  # saved before the first step: starts fresh
     assert rule.log_normalizer is None
+
+
+def test_kl_dro_state_without_log_z_is_refused_not_restarted():
+    """A state without ``log_z`` (``{}``: written by another rule, or the ``rule`` entry missing) would restart
+    the normaliser: refused, naming the key and the fix; nothing assigned."""
+    rule = KLDRORule(normalizer="ema")
+    rule(torch.tensor([0.0, 1.0]))
+    before = rule.log_normalizer
+    with pytest.raises(CheckpointStateError, match=r"KLDRORule\['log_z'\]: missing key.*setting the entry's "
+                                                   r"'log_z' to None") as err:
+        rule.load_state_dict({})
+    assert err.value.key == "log_z" and rule.log_normalizer == before
+    cb = LossReweighting("kl_dro", normalizer="ema", track_samples=False)
+    _step(cb, [0.0, 1.0, 2.0])
+    before = cb.rule.log_normalizer
+    for extra in ({"ess_collapsed_steps": 0}, {"rule": {}, "ess_collapsed_steps": 0}):
+        with pytest.raises(CheckpointStateError, match=r"\['extra'\]\['rule'\]\['log_z'\]: missing key.*'log_z' to "
+                                                       "None") as err:
+            cb.load_state_dict({"table": None, "extra": extra})
+        assert err.value.key == "log_z" and cb.rule.log_normalizer == before
 
 
 @pytest.mark.parametrize("use_numba", [True, False])

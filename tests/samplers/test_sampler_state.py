@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_reweight.callbacks.sampling import SamplerState, find_samplers
 from lightning_reweight.data import IndexedDataset
 from lightning_reweight.samplers import WeightedSampler
+from lightning_reweight.state.validate import CheckpointStateError
 
 N, BATCH = 40, 4  # 10 batches per epoch
 
@@ -130,3 +131,66 @@ def test_draw_stats_logged(tmp_path):
     assert abs(float(rows[0]["sampler/ess"]) - ess) < 1e-3
     mass = float(w[torch.arange(N) % 3 == 2].sum() / w.sum())  # class 2's share of the draws
     assert abs(float(rows[0]["sampler/group_2/mass"]) - mass) < 1e-4
+
+
+# ---------------------------------------------------------------- a mid-epoch checkpoint without sampler state
+def _mid_epoch_checkpoint(tmp_path, callbacks, steps=13):
+    """Train ``steps`` steps (epoch 1, batch 3 at 13) and return the checkpoint written there."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=steps, save_top_k=-1)
+    first = Recorder()
+    _trainer(tmp_path / "a", max_epochs=3, max_steps=steps, callbacks=[*callbacks, ckpt]).fit(first)
+    return next((tmp_path / "ckpt").glob("*.ckpt")), first
+
+
+@pytest.mark.parametrize("how", ["written without SamplerState", "entry removed"])
+def test_mid_epoch_checkpoint_without_sampler_state_is_refused(tmp_path, how):
+    """Such a resume would restart the sampler while Lightning skips the epoch's first batches (repeats and
+    drops): refused at load, naming the epoch, the batches done and both fixes; nothing trained or assigned."""
+    path, _ = _mid_epoch_checkpoint(tmp_path, [] if how == "written without SamplerState" else [SamplerState()])
+    if how == "entry removed":
+        checkpoint = torch.load(path, weights_only=False)
+        del checkpoint["callbacks"]["SamplerState"]
+        torch.save(checkpoint, path)
+    second, state = Recorder(), SamplerState()
+    with pytest.raises(CheckpointStateError, match=r"interrupted epoch 1 \(3 batches done\).*"
+                                                   r"`SamplerState\(restart_epoch=True\)`") as err:
+        _trainer(tmp_path / "b", max_epochs=3, callbacks=[state]).fit(second, ckpt_path=path)
+    assert err.value.key == "samplers"
+    assert second.seen == [] and state._pending is None and not state._restart_pending
+
+
+def test_restart_epoch_starts_the_interrupted_epoch_afresh(tmp_path):
+    """``restart_epoch=True``: the interrupted epoch runs all its batches in the sampler's order for that
+    epoch (its first 3 batches trained twice, none dropped); later epochs are the uninterrupted run's."""
+    full = Recorder()
+    _trainer(tmp_path / "full", max_epochs=3).fit(full)
+    path, first = _mid_epoch_checkpoint(tmp_path, [])
+    second = Recorder()
+    _trainer(tmp_path / "b", max_epochs=3, callbacks=[SamplerState(restart_epoch=True)]).fit(second, ckpt_path=path)
+    epoch = lambda run, e: [s[2] for s in run.seen if s[0] == e]  # noqa: E731
+    assert epoch(second, 1) == epoch(full, 1) and epoch(second, 2) == epoch(full, 2)
+
+
+def test_end_of_epoch_checkpoint_without_sampler_state_resumes(tmp_path):
+    """Nothing of the epoch is lost at an epoch boundary: no refusal."""
+    path, _ = _mid_epoch_checkpoint(tmp_path, [], steps=10)  # the last batch of epoch 0
+    second = Recorder()
+    _trainer(tmp_path / "b", max_epochs=2, callbacks=[SamplerState()]).fit(second, ckpt_path=path)
+    assert [s[:2] for s in second.seen][0] == (1, 0) and len(second.seen) == 10
+
+
+class PlainRecorder(Recorder):
+    def train_dataloader(self):
+        return DataLoader(IndexedDataset(TensorDataset(self.x, torch.arange(N) % 3)), batch_size=BATCH)
+
+
+def test_mid_epoch_checkpoint_of_a_run_without_managed_samplers_resumes(tmp_path):
+    """``SamplerState`` attached to a plain loader records that it managed no sampler: no refusal."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=13, save_top_k=-1)
+    _trainer(tmp_path / "a", max_epochs=2, max_steps=13, callbacks=[SamplerState(), ckpt]).fit(PlainRecorder())
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    assert torch.load(path, weights_only=False)["callbacks"]["SamplerState"] == {"samplers": []}
+    second = PlainRecorder()
+    with pytest.warns(UserWarning, match="resum"):  # Lightning's own warning: a plain loader is not resumable
+        _trainer(tmp_path / "b", max_epochs=2, callbacks=[SamplerState()]).fit(second, ckpt_path=path)
+    assert second.seen[0][:2] == (1, 3)

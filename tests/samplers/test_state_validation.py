@@ -196,3 +196,28 @@ def test_callback_extra_state_is_validated_before_assignment():
         balancing.load_extra_state({"total_steps": 0, "draws": torch.zeros(2)})
     with pytest.raises(CheckpointStateError, match="expected a dict"):
         SamplingDataModule(TensorDataset(torch.zeros(4, 1)), batch_size=2).load_state_dict(["not", "a", "dict"])
+
+
+@pytest.mark.parametrize("make", [lambda: GroupBalancing(mode="upsample", log_every_n_steps=0),
+                                  lambda: ImportanceSampling(score="loss", log_every_n_steps=0)],
+                         ids=["GroupBalancing-upsample", "ImportanceSampling"])
+def test_sampler_owning_callbacks_refuse_a_mid_epoch_checkpoint_without_sampler_state(tmp_path, make):
+    """They add ``SamplerState`` themselves; a mid-epoch checkpoint whose sampler entry is gone is refused at
+    load, before the callback's own (good) entry is assigned."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(root, callbacks, **kw):
+        return pl.Trainer(default_root_dir=tmp_path / root, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks, **kw)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
+    trainer("a", [make(), ckpt], max_epochs=3, max_steps=7).fit(Model(), _loader())  # epoch 1, batch 2
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["callbacks"]["SamplerState"]
+    torch.save(checkpoint, path)
+    resumed = make()
+    draws = resumed._draws.clone()
+    with pytest.raises(CheckpointStateError, match=r"interrupted epoch 1 \(2 batches done\).*restart_epoch=True"):
+        trainer("b", [resumed], max_epochs=3, enable_checkpointing=False).fit(Model(), _loader(), ckpt_path=path)
+    assert torch.equal(resumed._draws, draws) and resumed._pending_table_state is None
