@@ -206,7 +206,8 @@ class LitDataTextModule(pl.LightningDataModule):
 
     Args:
         path: the text file (default ``../shared/datasets/tinyshakespeare/input.txt`` next to the repository).
-        data_dir: the chunk folder (default ``<path>.litdata-L<seq_len>`` next to the text).
+        data_dir: the chunk folder (default ``runs/litdata/<text file stem>-L<seq_len>`` in the working directory;
+            an up-to-date folder is reused, one written from another text or span is refused).
         seq_len: characters per training sequence.
         batch_size: sequences per rank per step.
         val_batch_size: validation batch size (default ``batch_size``).
@@ -254,7 +255,7 @@ class LitDataTextModule(pl.LightningDataModule):
     def _chunks(self) -> Path:
         if self.data_dir is not None:
             return Path(self.data_dir)
-        return self._text().with_name(f"{self._text().name}.litdata-L{self.seq_len}")
+        return Path("runs") / "litdata" / f"{self._text().stem}-L{self.seq_len}"
 
     def _split(self) -> int:
         return int(round(self._text().stat().st_size * (1.0 - self.val_frac))) if self._text().is_file() else 0

@@ -121,6 +121,8 @@ def test_resume_on_another_world_size_is_refused(text_file, tmp_path):
     with pytest.raises(CheckpointStateError, match="same number of processes") as err:
         dm.load_state_dict({**state, "world_size": 2})
     assert "world_size=2" in str(err.value) and "world_size=1" in str(err.value)
+    with pytest.raises(CheckpointStateError, match="batch_size=8"):
+        dm.load_state_dict({**state, "batch_size": 8})
     dm.load_state_dict(state)  # the same world size loads
 
 
@@ -195,3 +197,12 @@ def test_two_processes_shard_disjointly_resume_exactly_and_refuse_an_early_datas
     with pytest.raises(CheckpointStateError, match="world_size=2") as err:
         _fit(text_file, tmp_path / "one", 30, ckpt=str(tmp_path / "part.ckpt"))
     assert "world_size=1" in str(err.value)
+
+
+def test_docs_litdata_example_runs(tmp_path, monkeypatch, capsys):
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "lm.md").read_text()
+    section = doc.split("## 5. LitData streams", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/lm.md", "exec"), {"__name__": "__docs__"})
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "True 4"
