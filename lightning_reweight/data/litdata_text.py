@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_reweight.callbacks.streams import check_stream_sharding
 from lightning_reweight.data.text import CharWindows, default_text_path, load_text
 from lightning_reweight.state.validate import CheckpointStateError, as_int, require_keys
 
@@ -285,8 +284,6 @@ class LitDataTextModule(pl.LightningDataModule):
     def train_dataloader(self) -> TextStreamLoader:
         self.setup("fit")
         assert self.train_set is not None
-        if self.trainer is not None:
-            check_stream_sharding(self.trainer, self.train_set, collective=False)
         self._loader = TextStreamLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers)
         return self._loader
 

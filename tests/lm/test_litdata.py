@@ -106,12 +106,17 @@ def test_resume_continues_exactly_and_keeps_the_table(text_file, tmp_path, num_w
 
 
 def test_resume_from_the_end_of_an_epoch_starts_the_next_one(text_file, tmp_path):
-    full, _, t = _fit(text_file, tmp_path, 100)
+    every_epoch = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_epochs=1, save_top_k=-1)
+    full, _, t = _fit(text_file, tmp_path, 100, callbacks=[every_epoch], enable_checkpointing=True)
     epoch = t.num_training_batches
     ckpt = str(tmp_path / "end.ckpt")
     first, _, _ = _fit(text_file, tmp_path, epoch, save=ckpt)  # stops on the epoch's last batch
     rest, _, _ = _fit(text_file, tmp_path, 100, ckpt=ckpt)
     assert all(torch.equal(a, b) for a, b in zip(first + rest, full)) and len(first + rest) == 100
+    # the checkpoint ModelCheckpoint writes at the end of the epoch resumes the same way
+    (end_of_epoch,) = (tmp_path / "ck").glob("epoch=0-*.ckpt")
+    rest, _, _ = _fit(text_file, tmp_path, 100, ckpt=str(end_of_epoch))
+    assert len(rest) == 100 - epoch and all(torch.equal(a, b) for a, b in zip(rest, full[epoch:]))
 
 
 def test_resume_on_another_world_size_is_refused(text_file, tmp_path):
