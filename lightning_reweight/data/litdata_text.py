@@ -11,10 +11,10 @@ weighting callback works index-free (``LossReweighting(track_samples=False)``) o
 ``StreamKeys(slots=...)``).
 
 Sharding. LitData's ``StreamingDataset`` reads the distributed environment (world size, global rank) when it is
-CONSTRUCTED. ``LitDataTextModule`` therefore builds it in ``setup()``, after the Trainer started its processes,
-and checks at the start of training that every train data set's environment is the Trainer's
-(``check_stream_sharding``, also run by every ``WeightingCallback`` and by ``StreamShardCheck``): a data set
-built before ``trainer.fit`` under DDP would give every rank the same samples.
+CONSTRUCTED. ``LitDataTextModule`` therefore builds it in ``setup()``, after the Trainer started its processes.
+A data set built before ``trainer.fit`` under DDP would give every rank the same samples: every
+``WeightingCallback`` (and ``StreamShardCheck``) refuses it on every rank at the start of training
+(``callbacks/streams.py``).
 
 Resume. ``StreamingDataLoader`` has ``state_dict``/``load_state_dict``; Lightning's fit loop saves it in every
 checkpoint and restores it before the resumed epoch, so a mid-epoch resume on the same number of processes
@@ -319,5 +319,5 @@ class LitDataTextModule(pl.LightningDataModule):
                     where, key,
                     f"the checkpoint was written with {key}={value}, but this run has {key}={now[key]}: the LitData "
                     "stream would not continue with exactly the windows the interrupted run had left.",
-                    f"Resume with {key}={value} (for world_size: the same number of processes), or start the "
-                    "stream fresh from an end-of-epoch checkpoint.")
+                    f"Resume with {key}={value} (for world_size: the same number of processes), or keep only the "
+                    "weights: `Model.load_from_checkpoint(path)` and `fit` without `ckpt_path` (the stream starts anew).")
