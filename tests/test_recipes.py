@@ -49,3 +49,19 @@ def test_lm_recipe_fast_dev_run(tmp_path, monkeypatch):
     cli = build_cli(["fit", "--config", str(recipe), "--trainer.fast_dev_run=true", "--trainer.logger=false",
                      f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step == 1 and "val/bpc" in cli.trainer.callback_metrics
+
+
+def test_lm_litdata_recipe_fast_dev_run(tmp_path, monkeypatch):
+    pytest.importorskip("litdata")
+    from lightning_reweight.data.text import default_text_path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "lm_litdata.yaml"
+    if not default_text_path().is_file():
+        pytest.skip(f"needs {default_text_path()}")
+    monkeypatch.chdir(recipe.parents[1])
+    cli = build_cli(["fit", "--config", str(recipe), "--trainer.fast_dev_run=true", "--trainer.logger=false",
+                     f"--trainer.default_root_dir={tmp_path}", f"--data.data_dir={tmp_path / 'chunks'}"])
+    assert cli.trainer.global_step == 1 and "val/bpc" in cli.trainer.callback_metrics
+    table = cli.trainer.callbacks  # the keyed table has one row per window of the training text
+    reweight = next(cb for cb in table if type(cb).__name__ == "LossReweighting")
+    assert reweight.table.num_samples == cli.datamodule.num_keys > 1000

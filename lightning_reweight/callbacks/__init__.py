@@ -10,6 +10,7 @@ from lightning_reweight.callbacks.logging import log_histogram, log_scalars, log
 from lightning_reweight.callbacks.loss_reweighting import LossReweighting
 from lightning_reweight.callbacks.report import MetricsReport
 from lightning_reweight.callbacks.sampling import SamplerState, ensure_sampler_state, install_sampler
+from lightning_reweight.callbacks.streams import StreamShardCheck, StreamShardingError, check_stream_sharding
 from lightning_reweight.callbacks.tta import EATA, EntropyAdaptation, Tent
 
 __all__ = [
@@ -24,8 +25,11 @@ __all__ = [
     "LossReweighting",
     "MetricsReport",
     "SamplerState",
+    "StreamShardCheck",
+    "StreamShardingError",
     "Tent",
     "WeightingCallback",
+    "check_stream_sharding",
     "ensure_sampler_state",
     "install_sampler",
     "log_histogram",

@@ -32,7 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
 from lightning_reweight.data.indexed import IndexedDataset
 
@@ -146,6 +146,16 @@ class _Installer:
                 f"{type(loaders).__name__} with {len(leaves)} loader(s)."
             )
         loader = leaves[0]
+        if isinstance(loader.dataset, IterableDataset):
+            raise TypeError(
+                f"{self.owner} draws samples by index, but the train dataloader streams "
+                f"(`{type(loader).__name__}` over the iterable `{type(loader.dataset).__name__}`): a stream has no "
+                "random access, so it cannot be resampled (wrapping it in `IndexedDataset` does not help). On a "
+                "stream, reweight the loss instead of resampling: `GroupBalancing(mode=\"upweight\")` (the stream's data "
+                "set exposes `groups`, one per stable key, and the module passes the keys as the index) or "
+                "`GroupDRO` (group ids from the batch) for groups and classes, `LossReweighting(...)` for per-sample "
+                "losses; or train from a map-style data set."
+            )
         if self.sampler_type is not None and isinstance(loader.sampler, self.sampler_type):
             if self.adopt is not None:
                 self.adopt(loader.sampler)

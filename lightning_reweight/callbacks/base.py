@@ -38,6 +38,8 @@ def infer_num_samples(trainer: pl.Trainer) -> int | None:
             keys = getattr(dataset, "num_keys", None)  # a stream's stable-key range (data/text.py)
             if isinstance(keys, int) and not isinstance(keys, bool):
                 return keys
+            if getattr(dataset, "distributed_env", None) is not None:
+                continue  # a LitData stream's length is this rank's share, not the key range
             try:
                 return len(dataset)
             except TypeError:
@@ -327,6 +329,9 @@ class WeightingCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_size = None
+        from lightning_reweight.callbacks.streams import check_stream_sharding
+
+        check_stream_sharding(trainer)  # a stream built before the DDP processes existed: every rank refuses
         # a restored table that does not fit fails here, before step 0; a stream of unknown size builds nothing
         # yet (the first step names the fix: an index/stream key, or `track_samples=False`)
         if self.track_samples and (self._pending_table_state is not None or self.training_set_size(trainer) is not None):

@@ -148,10 +148,25 @@ class SamplerState(Callback):
                     " inside `train_dataloader()` (after the process group exists) or pass them explicitly."
                 )
 
+    def _refuse_stream(self, trainer: pl.Trainer) -> None:
+        """A stream has no sampler to track: SamplerState would do nothing, silently."""
+        from lightning_reweight.callbacks.streams import is_stream_loader
+
+        streams = [loader for loader in _flatten(trainer.train_dataloader) if is_stream_loader(loader)]
+        if streams and not self._bound:
+            raise RuntimeError(
+                f"Expected a train dataloader with a lightning_reweight sampler for `SamplerState`, but got a stream "
+                f"(`{type(streams[0]).__name__}` over the iterable `{type(streams[0].dataset).__name__}`): it has no "
+                "sampler, so SamplerState would track and checkpoint nothing. A stream checkpoints its own position "
+                "(`CharStreamDataModule`'s state, LitData's `StreamingDataLoader` through Lightning's fit loop); "
+                "SamplerState is for map-style data sets drawn by a sampler. Remove `SamplerState` from the callbacks."
+            )
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
         self._bind(trainer)
+        self._refuse_stream(trainer)
         pending, self._pending = self._pending, None
         restart, self._restart_pending = self._restart_pending, False
         if restart and pending is None:  # ``restart_epoch=True`` on a mid-epoch checkpoint without sampler state

@@ -1,8 +1,11 @@
 """Data: the index-yielding wrapper, collate, DataModule plugins and real-data DataModules.
 
 Real-data modules read from ``root`` (default ``../shared/datasets``): ``AdultDataModule``,
-``CIFAR10CDataModule``, ``ISBI2012DataModule``, ``PH2DataModule``; streamed text: ``CharStreamDataModule``.
+``CIFAR10CDataModule``, ``ISBI2012DataModule``, ``PH2DataModule``; streamed text: ``CharStreamDataModule``; LitData chunks (optional extra ``litdata``): ``LitDataTextModule``,
+``TextWindowDataset``, ``optimize_text_windows`` (imported on first use, from ``data/litdata_text.py``).
 """
+
+from typing import Any
 
 from lightning_reweight.data.adult import AdultDataModule
 from lightning_reweight.data.cifar10 import cifar10_lt_counts, load_cifar10, long_tail_indices
@@ -22,9 +25,11 @@ __all__ = [
     "DigitsDataModule",
     "ISBI2012DataModule",
     "IndexedDataset",
+    "LitDataTextModule",
     "PH2DataModule",
     "SMOTEDataModule",
     "SamplingDataModule",
+    "TextWindowDataset",
     "cifar10_lt_counts",
     "corrupt",
     "indexed_collate",
@@ -33,6 +38,17 @@ __all__ = [
     "long_tail_counts",
     "long_tail_indices",
     "long_tail_subset",
+    "optimize_text_windows",
     "register_sampler",
     "smote_resample",
 ]
+
+_LITDATA = ("LitDataTextModule", "TextWindowDataset", "optimize_text_windows")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LITDATA:  # the optional `litdata` dependency is imported only when asked for
+        from lightning_reweight.data import litdata_text
+
+        return getattr(litdata_text, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
