@@ -42,6 +42,15 @@ def gather_sizes(n: int, device: torch.device | None = None) -> list[int]:
     return [int(s) for s in sizes]
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one small all-reduce under ``torch.distributed``)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_device_for_backend(torch.empty(0)))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def gather_sizes_and_codes(n: int, code: int, device: torch.device | None = None) -> tuple[list[int], list[int]]:
     """Every rank's row count and a small status code (e.g. "this rank refused its inputs"), in the one
     collective that exchanges the sizes."""

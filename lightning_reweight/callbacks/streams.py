@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import IterableDataset
 from typing_extensions import override
 
+from lightning_reweight.distributed import any_rank
+
 __all__ = ["StreamShardCheck", "StreamShardingError", "check_stream_sharding", "is_stream_loader", "stream_datasets"]
 
 
@@ -28,7 +30,7 @@ class StreamShardingError(RuntimeError):
 
 
 def _leaves(obj: Any) -> list[Any]:
-    from lightning_reweight.callbacks.sampling import _flatten
+    from lightning_reweight.callbacks._install import _flatten
 
     return _flatten(obj)
 
@@ -78,7 +80,9 @@ def check_stream_sharding(trainer: pl.Trainer, loaders: Any = None, *, collectiv
            if (int(ds.distributed_env.world_size), int(ds.distributed_env.global_rank)) != (world, rank)]
     mine = bad[0].distributed_env if bad else None
     if collective and world > 1:
-        any_bad = trainer.strategy.reduce_boolean_decision(bool(bad), all=False)
+        strategy = getattr(trainer, "strategy", None)  # None outside the Trainer (a door's context)
+        any_bad = strategy.reduce_boolean_decision(bool(bad), all=False) if strategy is not None \
+            else any_rank(bool(bad))
     else:
         any_bad = bool(bad)
     if not any_bad:
