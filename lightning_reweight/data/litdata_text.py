@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_reweight.data.text import CharWindows, default_text_path, load_text
+from lightning_reweight.data.text import CharWindows, check_split_args, default_text_path, load_text
 from lightning_reweight.state.validate import CheckpointStateError, as_int, require_keys
 
 try:
@@ -229,10 +229,7 @@ class LitDataTextModule(pl.LightningDataModule):
                  batch_size: int = 32, val_batch_size: int | None = None, num_workers: int = 0,
                  shuffle: bool = True, seed: int = 0, val_frac: float = 0.1, max_val_windows: int | None = None):
         super().__init__()
-        if not 0.0 < val_frac < 1.0:
-            raise ValueError(f"Expected argument `val_frac` in (0, 1), but got {val_frac!r}.")
-        if num_workers < 0:
-            raise ValueError(f"Expected argument `num_workers` >= 0, but got {num_workers!r}.")
+        check_split_args(val_frac, num_workers)
         self.path = path
         self.data_dir = data_dir
         self.seq_len = seq_len

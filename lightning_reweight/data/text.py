@@ -61,6 +61,14 @@ def load_text(path: str | Path | None = None) -> Tensor:
     return data
 
 
+def check_split_args(val_frac: float, num_workers: int) -> None:
+    """The arguments every text DataModule shares: a held-out fraction in (0, 1), workers >= 0."""
+    if not 0.0 < val_frac < 1.0:
+        raise ValueError(f"Expected argument `val_frac` in (0, 1), but got {val_frac!r}.")
+    if num_workers < 0:
+        raise ValueError(f"Expected argument `num_workers` >= 0, but got {num_workers!r}.")
+
+
 def _mix_seed(seed: int, epoch: int) -> int:
     return int(splitmix64(torch.tensor([seed * 1_000_003 + epoch])).item()) & ((1 << 62) - 1)
 
@@ -208,10 +216,7 @@ class CharStreamDataModule(pl.LightningDataModule):
                  val_batch_size: int | None = None, num_workers: int = 0, seed: int = 0, noise_frac: float = 0.0,
                  noise_seed: int = 1234, val_frac: float = 0.1, max_val_windows: int | None = None):
         super().__init__()
-        if not 0.0 < val_frac < 1.0:
-            raise ValueError(f"Expected argument `val_frac` in (0, 1), but got {val_frac!r}.")
-        if num_workers < 0:
-            raise ValueError(f"Expected argument `num_workers` >= 0, but got {num_workers!r}.")
+        check_split_args(val_frac, num_workers)
         self.path = path
         self.seq_len = seq_len
         self.batch_size = batch_size
