@@ -41,7 +41,7 @@ class Tiny(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         (index,) = batch
-        return reduce_loss(self, self.per_sample(index), index)
+        return reduce_loss(self, self.per_sample(index), index, **step_extras(self, index))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -62,3 +62,11 @@ class FixedBatches(torch.utils.data.Dataset):
 
 def collate(items):
     return items[0]
+
+
+def step_extras(model, index):
+    """What every callback may read: group ids (class 0 vs the rest) and a consistency loss (AdaWAC)."""
+    x, y = data()
+    logits = model(x[index])
+    return {"group": (y[index] == 0).long(), "target": y[index],
+            "consistency": (logits - logits.roll(1, 0)).pow(2).mean(1)}

@@ -11,23 +11,42 @@ from torch import nn
 from lightning_reweight import GroupDRO, LossReweighting, Reweighter, reduce_loss
 from tests.helpers import REPO, make_trainer, run_ddp_script
 
-from ._common import BATCH, FixedBatches, N, Tiny, collate, data, global_batches
+from ._common import BATCH, FixedBatches, N, Tiny, collate, data, global_batches, step_extras
 
 
 def _callbacks():
     return [LossReweighting("linupper", warmup_steps=2, num_samples=N, log_every_n_steps=1)]
 
 
-def _trainer_run(tmp_path, batches):
-    cbs = _callbacks()
+def _sized(*cbs):
+    """The training set has N samples (the Trainer's loader here holds one item per step)."""
+    for cb in cbs:
+        cb.num_samples = N
+    return list(cbs)
+
+
+#: every weighting callback that runs under Fabric (the others refuse, see below)
+FACTORIES = {
+    "linupper": _callbacks,
+    "kl_dro_ema": lambda: [LossReweighting("kl_dro", normalizer="ema", warmup_steps=1, num_samples=N)],
+    "group_dro": lambda: _sized(GroupDRO(num_groups=2, step_size=0.5)),
+    "febs": lambda: _sized(__import__("lightning_reweight").FairErrorBoundScaling(num_groups=2)),
+    "adawac": lambda: [__import__("lightning_reweight").AdaWAC(eta=2.0, num_samples=N)],
+    "composed": lambda: _sized(GroupDRO(num_groups=2, step_size=0.5),
+                               LossReweighting("quadratic", warmup_steps=1, num_samples=N)),
+}
+
+
+def _trainer_run(tmp_path, batches, factory=_callbacks):
+    cbs = factory()
     module = Tiny()
     loader = torch.utils.data.DataLoader(FixedBatches(batches), batch_size=1, collate_fn=collate)
     make_trainer(cbs, tmp_path, max_epochs=1).fit(module, loader)
     return cbs, module
 
 
-def _fabric_run(batches, cbs=None, state=None, save_at=None, save_path=None, loggers=None):
-    cbs = cbs or _callbacks()
+def _fabric_run(batches, cbs=None, state=None, save_at=None, save_path=None, loggers=None, factory=_callbacks):
+    cbs = cbs or factory()
     fabric = Fabric(accelerator="cpu", devices=1, callbacks=cbs, loggers=loggers)
     module = Tiny()
     optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
@@ -43,7 +62,7 @@ def _fabric_run(batches, cbs=None, state=None, save_at=None, save_path=None, log
             fabric.save(save_path, {"model": model, "optimizer": optimizer, "reweight": cbs[0], "step": step})
         index = batches[step]
         losses = F.cross_entropy(model(x[index]), y[index], reduction="none")
-        loss = reduce_loss(model, losses, index)
+        loss = reduce_loss(model, losses, index, **step_extras(model, index))
         fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -51,8 +70,25 @@ def _fabric_run(batches, cbs=None, state=None, save_at=None, save_path=None, log
 
 
 def _same_tables(a, b):
+    if a.table is None:
+        assert b.table is None
+        return
     for name, col in a.table.state_dict()["columns"].items():
         torch.testing.assert_close(col, b.table.state_dict()["columns"][name], equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_every_weighting_callback_equals_the_trainer_under_fabric(tmp_path, name):
+    batches = global_batches(1)
+    ref, ref_module = _trainer_run(tmp_path, batches, FACTORIES[name])
+    cbs, module, _ = _fabric_run(batches, factory=FACTORIES[name])
+    for a, b in zip(cbs, ref):
+        _same_tables(a, b)
+        assert (a.last_weights is None) == (b.last_weights is None)
+        if a.last_weights is not None:
+            torch.testing.assert_close(a.last_weights, b.last_weights)
+        torch.testing.assert_close(a.extra_state(), b.extra_state(), equal_nan=True)
+    torch.testing.assert_close(module.net.weight, ref_module.net.weight)
 
 
 def test_fabric_equals_the_trainer_on_the_same_batches(tmp_path):
