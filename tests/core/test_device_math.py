@@ -226,3 +226,52 @@ def test_ess_of_kept_gpu_steps_counts_the_collapses_of_each_step():
     expected = sum(bool(effective_sample_size(w) < 0.5 * 32) for w in ws)
     assert cb.ess_collapsed_steps == expected and 0 < expected < len(ws)
     assert np.isclose(float(effective_sample_size(ws[-1])), float(effective_sample_size(ws[-1])))
+
+
+# ------------------------------------------------------------------------------------ the callbacks' own checks
+@pytest.mark.parametrize("ignore_index", [-1, None, 255])
+def test_device_group_buckets_equal_the_host_ones_and_check_the_ids_with_the_step(ignore_index):
+    """GroupDRO / FEBS on a device: the same buckets and counts as the host path; the ids' check joins the
+    step's checks (read at the engine's flush, the error naming the bad ids)."""
+    from lightning_reweight import GroupDRO
+    from lightning_reweight.engine import GlobalBatch
+
+    cb = GroupDRO(num_groups=4, ignore_index=ignore_index)
+    group = torch.tensor([0, 3, 1, 1, 2] + ([ignore_index] if ignore_index is not None else [0]))
+    batch = GlobalBatch(losses=torch.zeros(6), index=torch.arange(6), group=group)
+    batch.checks = Checks(CUDA_LABEL, sync=True)
+    idx, counts = cb._device_buckets(group, batch)
+    host_idx, host_counts = cb._bucket_and_count(group)
+    assert torch.equal(idx, host_idx) and torch.equal(counts, host_counts)
+    batch.checks.flush()  # valid: nothing raised
+    bad = torch.tensor([0, 4, 1, 1, 2, 0])  # 4 is no group (and not the ignore_index)
+    batch.checks = Checks(CUDA_LABEL, sync=True)
+    idx, counts = cb._device_buckets(bad, batch)
+    assert int(idx.max()) <= 4 and int(counts.sum()) == 6  # in range until the checks stop the step
+    with pytest.raises(ValueError, match=r"num_groups"):
+        batch.checks.flush()
+    batch.checks = Checks(CUDA_LABEL, sync=False)  # deferred: kept for the callback's next check
+    cb._device_buckets(bad, batch)
+    cb.defer_check(batch.checks.deferred_values())
+    with pytest.raises(ValueError, match=r"1 training step\(s\)"):
+        cb.check_deferred()
+
+
+def test_a_callbacks_finite_and_range_checks_join_the_step():
+    from lightning_reweight import AdaWAC
+    from lightning_reweight.engine import GlobalBatch
+
+    cb = AdaWAC(num_samples=8)
+    batch = GlobalBatch(losses=torch.zeros(3), index=torch.arange(3))
+    batch.checks = Checks(CUDA_LABEL, sync=True)
+    cb.check_finite(batch, torch.tensor([1.0, float("inf"), 2.0]), cb._not_finite)
+    assert len(batch.checks._pending) == 2  # its aminmax's two values, no comparison kernel
+    with pytest.raises(ValueError, match=r"Expected a finite `consistency` loss"):
+        batch.checks.flush()
+    batch.checks = Checks(CUDA_LABEL, sync=True)
+    cb.check_finite(batch, torch.tensor([1.0, -2.0]), cb._not_finite, minimum=0.0)
+    with pytest.raises(ValueError, match=r"finite `consistency`"):
+        batch.checks.flush()
+    batch.checks = None  # a batch built outside the step: checked at once on the CPU
+    with pytest.raises(ValueError, match=r"finite `consistency`"):
+        cb.check_finite(batch, torch.tensor([float("nan")]), cb._not_finite)
