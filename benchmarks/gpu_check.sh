@@ -8,12 +8,14 @@
 # Runs, writing JSON and logs to OUT_DIR (correctness first, so a cut-short run still answers it):
 #   1. the CUDA tests (a GPU step of every callback under set_sync_debug_mode("error"))  -> cuda_tests.log
 #   2. benchmarks/gpu_fit.py         -> gpu_fit.json, gpu_fit.log: a one-GPU fit with every callback, median
-#      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn"))
+#      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn")); next to it
+#      benchmarks/op_count.py        -> op_count.json: the tensor ops (kernel launches) of one step per callback,
+#      counted on the meta device (ops_<callback>_sync / ops_<callback>_nosync; no GPU needed)
 #   3. benchmarks/overhead.py        -> overhead.json, overhead.log   (with --accelerator gpu if it takes one)
 #   4. benchmarks/sampler_speed.py   -> sampler_speed.json, sampler_speed.log
 #   5. benchmarks/fsdp_check.py      -> fsdp.json, fsdp.log: FSDP vs DDP on every visible GPU
-# plus nvidia-smi.txt and summary.txt (every figure, one per line). In --cpu-smoke mode only step 3 runs
-# (on CPU, 4 steps), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 3-4 with --quick.
+# plus nvidia-smi.txt and summary.txt (every figure, one per line). In --cpu-smoke mode only step 2 runs
+# (the fit on CPU, 4 steps, and the op count), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 3-4 with --quick.
 # Environment: PYTHON (default: python), GPU_CHECK_QUICK=1 passes --quick to every benchmark,
 # GPU_CHECK_STEP_TIMEOUT=SECONDS stops a step that runs longer (it counts as failed; the next step runs),
 # GPU_CHECK_SAMPLER_ARGS adds arguments to sampler_speed.py (e.g. "--sizes 1e7" for a short run: the full one
@@ -84,6 +86,7 @@ if [ "$SMOKE" = "1" ]; then
     step sampler_speed "$PY" benchmarks/sampler_speed.py --quick --json "$OUT/sampler_speed.json" --out "$OUT"
   fi
   step gpu_fit "$PY" benchmarks/gpu_fit.py --device cpu --steps 4 --batch-size 32 --json "$OUT/gpu_fit.json"
+  step op_count "$PY" benchmarks/op_count.py --quick --json "$OUT/op_count.json"
 else
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
   OVERHEAD_ARGS=()
@@ -93,6 +96,7 @@ else
   step cuda_tests "$PY" -m pytest tests/callbacks/test_device_path.py tests/core/test_device.py -rs \
     -p no:cacheprovider
   step gpu_fit "$PY" benchmarks/gpu_fit.py --device cuda "${QUICK[@]}" --json "$OUT/gpu_fit.json"
+  step op_count "$PY" benchmarks/op_count.py --quick --json "$OUT/op_count.json"
   step overhead "$PY" benchmarks/overhead.py "${QUICK[@]}" "${OVERHEAD_ARGS[@]}" --json "$OUT/overhead.json" --out "$OUT"
   read -r -a SAMPLER_ARGS <<< "${GPU_CHECK_SAMPLER_ARGS:-}"
   step sampler_speed "$PY" benchmarks/sampler_speed.py "${QUICK[@]}" "${SAMPLER_ARGS[@]}" --json "$OUT/sampler_speed.json" --out "$OUT"

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from lightning_reweight.distributed import gather_rows, gather_sizes_and_codes, local_slice
-from lightning_reweight.rules.instance import all_finite, check_losses
+from lightning_reweight.rules.instance import all_finite, check_losses, double_range
+from lightning_reweight.state.table import BatchIndex
 
 __all__ = ["GlobalBatch", "MissingIndexError", "StepInputError", "run_step", "TWO_LINES"]
 
@@ -68,6 +69,7 @@ class GlobalBatch:
         local: this rank's rows (``losses[local]`` are the local samples).
         sizes: per-rank row counts, by global rank.
         global_step: the optimizer step count at this step (``trainer.global_step`` under the Trainer).
+        index_info: whether ``index`` repeats (read with the step's checks on a device), for the table updates.
     """
 
     losses: Tensor
@@ -78,6 +80,10 @@ class GlobalBatch:
     local: slice = field(default_factory=lambda: slice(None))
     sizes: list[int] = field(default_factory=list)
     global_step: int = 0
+    #: what the step knows about ``index`` (repeats), shared by the table updates of its commit
+    index_info: BatchIndex = field(default_factory=BatchIndex)
+    #: the step's ``Checks`` (set by ``run_step``): callbacks add their own checks of the batch to them
+    checks: Any = field(default=None, repr=False, compare=False)
 
     @property
     def world_size(self) -> int:
@@ -216,9 +222,11 @@ def gather_batch(named: dict[str, Tensor], sizes: list[int], device: torch.devic
     """Step 2: every rank's rows, ordered by global rank (O(batch) communication)."""
     gathered, sizes = gather_rows(list(named.values()), sizes)
     g = dict(zip(named, gathered))
+    index = g["index"].to(device)
     return GlobalBatch(
         losses=g["losses"].to(device, torch.float32),
-        index=g["index"].to(device),
+        index=index,
+        index_info=BatchIndex(index),
         group=g["group"].to(device) if "group" in g else None,
         target=g["target"].to(device) if "target" in g else None,
         extras={k[6:]: v.to(device) for k, v in g.items() if k.startswith("extra:")},
@@ -229,42 +237,150 @@ def gather_batch(named: dict[str, Tensor], sizes: list[int], device: torch.devic
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _host(values: list[Tensor]) -> list[float]:
-    """Read a few scalars back to the host in one transfer (on the CPU a plain read of each, which costs less
-    than stacking them)."""
+#: the largest finite float32: a float32 value ``v`` is finite exactly when ``-F32_MAX <= v <= F32_MAX``
+F32_MAX = float(torch.finfo(torch.float32).max)
+#: the smallest positive float32 (a subnormal): ``v >= F32_TINY`` means ``v > 0``
+F32_TINY = 2.0 ** -149
+
+
+def _host(values: list[Tensor]) -> list[Any]:
+    """Read a few 0-d tensors back to the host in one transfer (on the CPU a plain read of each, which costs less
+    than stacking them). On a device the values travel as one byte buffer (one kernel to pack it): one host
+    synchronisation, whatever their dtypes (``_pack``, ``_read``)."""
     if values[0].device.type == "cpu":
         return [v.item() for v in values]
-    return torch.stack([v.reshape(()).to(torch.float64) for v in values]).tolist()
+    return _read(*_pack(values))
+
+
+def _pack(values: list[Tensor]) -> tuple[Tensor, list[tuple[torch.dtype, int]]]:
+    """The device half of ``_host``: the values' bytes in one buffer, one kernel whatever their dtypes (a 0-d
+    tensor seen as ``(1,)`` and then as ``uint8`` is a free view). Returns the buffer and each value's
+    ``(dtype, bytes)``."""
+    layout = [(v.dtype, v.element_size()) for v in values]
+    if len(values) == 1:
+        return values[0].reshape(1), layout
+    return torch.cat([v.reshape(1).view(torch.uint8) for v in values]), layout
+
+
+def _read(packed: Tensor, layout: list[tuple[torch.dtype, int]]) -> list[Any]:
+    """The host half of ``_host``: the one device-to-host copy, each value's bytes reinterpreted as its dtype."""
+    host = packed.cpu()
+    if len(layout) == 1:
+        return host.tolist()
+    out, start = [], 0
+    for dtype, size in layout:
+        out.append(host[start:start + size].clone().view(dtype).item())  # (clone: an aligned copy)
+        start += size
+    return out
+
+
+_BOUNDS: dict[tuple, tuple[Tensor, Tensor]] = {}  # the deferred checks' bound vectors, by device and layout
+
+
+def _bounds(device: torch.device, dtype: torch.dtype, lows: tuple, highs: tuple) -> tuple[Tensor, Tensor]:
+    """The lower and upper bounds of a group of deferred checks as tensors on ``device``: made once per layout
+    (on the first step), so a later step copies nothing to the device."""
+    key = (device, dtype, lows, highs)
+    found = _BOUNDS.get(key)
+    if found is None:
+        if len(_BOUNDS) > 64:
+            _BOUNDS.clear()
+        found = _BOUNDS[key] = (torch.tensor(lows, dtype=dtype, device=device),
+                                torch.tensor(highs, dtype=dtype, device=device))
+    return found
 
 
 class Checks:
     """A step's checks: read at once on the CPU (``host``), read together in one transfer per phase on a
-    device (``sync``), or kept on the device for the callbacks' deferred check (``sync_checks=False``)."""
+    device (``sync``), or kept on the device for the callbacks' deferred check (``sync_checks=False``).
+
+    A check is a 0-d value and its bounds, ``low <= value <= high`` (a NaN fails): on a device with
+    ``sync`` the *values* are read (one transfer per phase) and compared on the host, so a check costs its one
+    reduction and nothing more; deferred checks keep their values, compared on the device for many steps at
+    once (``DeferredChecks``): a step pays no kernel for them."""
 
     def __init__(self, device: torch.device, sync: bool) -> None:
         self.sync = sync
         self.host = sync and device.type == "cpu"
-        self._pending: list[tuple[Tensor, Callable[[], None]]] = []
-        self.deferred: list[Tensor] = []
+        self._pending: list[tuple[Tensor, float, float, Callable[[], None] | None]] = []
+        self.deferred: list[tuple[Tensor, float, float]] = []
 
     def require(self, ok: Tensor | bool, fail: Callable[[], None]) -> None:
         """``fail()`` raises when ``ok`` is false (now, at ``flush``, or late for deferred checks)."""
-        if self.host:
+        if isinstance(ok, bool) or self.host:
             if not bool(ok):
                 fail()
-        elif self.sync:
-            self._pending.append((torch.as_tensor(ok), fail))
         else:
-            self.deferred.append(torch.as_tensor(ok).reshape(()))
+            self.within(ok.reshape(()), 1, 1, fail)  # a bool tensor: True == 1
 
-    def flush(self) -> None:
-        """One host read of this phase's pending checks (device ``sync`` mode); raises the first failure."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        for good, (_, fail) in zip(_host([ok for ok, _ in pending]), pending):
-            if not good:
+    def within(self, value: Tensor, low: float, high: float, fail: Callable[[], None]) -> None:
+        """``fail()`` raises unless ``low <= value <= high`` (a NaN value fails); ``value`` is 0-d."""
+        if self.host:
+            if not low <= value.item() <= high:
                 fail()
+        elif self.sync:
+            self._pending.append((value, low, high, fail))
+        else:
+            self.deferred.append((value, low, high))
+
+    def read(self, value: Tensor) -> int:
+        """Read ``value`` at the next ``flush`` (device ``sync`` mode, no check); returns its slot in the list
+        ``flush`` returns."""
+        self._pending.append((value, -math.inf, math.inf, None))
+        return len(self._pending) - 1
+
+    def flush(self) -> list[float]:
+        """One host read of this phase's pending values (device ``sync`` mode); raises the first failure.
+        Returns the values read, in the order they were added."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        values = _host([p[0] for p in pending])
+        for v, (_, low, high, fail) in zip(values, pending):
+            if fail is not None and not low <= v <= high:
+                fail()
+        return values
+
+    def deferred_values(self) -> DeferredChecks:
+        """This step's deferred checks, raw: their values (no kernel now) with the bounds they must meet; a
+        callback keeps them (``WeightingCallback.defer_values``) and compares many steps' at once."""
+        return DeferredChecks(self.deferred)
+
+
+class DeferredChecks:
+    """One step's deferred checks (``sync_checks=False`` on a device): 0-d values and their bounds, compared on
+    the device only when many steps' are folded (``count_bad``): a step pays no kernel for its checks.
+
+    The values are grouped by dtype; the bounds of each group live on the device (made on the first step of a
+    layout, ``_bounds``), so folding copies nothing to the device."""
+
+    def __init__(self, checks: list[tuple[Tensor, float, float]]) -> None:
+        groups: dict[torch.dtype, list[tuple[Tensor, float, float]]] = {}
+        for check in checks:
+            groups.setdefault(check[0].dtype, []).append(check)
+        self.device = checks[0][0].device
+        self.layout = tuple((dtype, tuple(c[1] for c in g), tuple(c[2] for c in g)) for dtype, g in groups.items())
+        self.parts: list[tuple[list[Tensor], tuple[Tensor, Tensor] | None]] = [
+            ([c[0] for c in g], None if dtype == torch.bool else _bounds(self.device, dtype, lows, highs))
+            for (dtype, lows, highs), g in zip(self.layout, groups.values())]
+
+    @staticmethod
+    def count_bad(steps: list[DeferredChecks]) -> Tensor:
+        """How many of ``steps`` (on one device) failed a check, as a 0-d int64 on their device: per layout and
+        dtype one stack of every step's values, one clamp to the bounds and one comparison."""
+        layouts: dict[tuple, list[DeferredChecks]] = {}
+        for step in steps:
+            layouts.setdefault(step.layout, []).append(step)
+        bad: Tensor | None = None
+        for group in layouts.values():
+            ok: Tensor | None = None
+            for j, (_, bounds) in enumerate(group[0].parts):
+                values = torch.stack([v for step in group for v in step.parts[j][0]]).view(len(group), -1)
+                good = values.all(1) if bounds is None else (values.clamp(*bounds) == values).all(1)
+                ok = good if ok is None else ok & good
+            count = (~ok).sum()
+            bad = count if bad is None else bad + count
+        return bad
 
 
 def _fail_losses(local: Tensor, what: str) -> Callable[[], None]:
@@ -317,22 +433,37 @@ _RANK = "__rank__"  # the per-row rank column gathered for the cross-rank key ch
 def check_batch(callbacks: Sequence[Any], batch: GlobalBatch, local_losses: Tensor, checks: Checks,
                 num_samples: int | None, ctx: Any) -> None:
     """Step 3: the global batch (non-empty), once for every callback (every rank sees the same batch, so every
-    rank raises together), then each callback's own ``validate_batch``."""
-    # a finite sum means finite losses on the host (an overflowing sum falls back to the exact check)
-    checks.require(all_finite(batch.losses) if checks.host else torch.isfinite(batch.losses).all(),
-                   _fail_losses(local_losses, ""))
+    rank raises together), then each callback's own ``validate_batch``.
+
+    On a device each check is one reduction (``aminmax`` of the losses, of the indices); with ``sync`` the
+    values are read in one transfer, together with whether an index repeats (``BatchIndex.unique``: the table
+    updates of the step then skip the duplicate merge)."""
+    if checks.host:  # a finite sum means finite losses on the host (an overflowing sum falls back to the exact check)
+        checks.require(all_finite(batch.losses), _fail_losses(local_losses, ""))
+    else:  # aminmax shows a NaN in both values, -inf in the min, +inf in the max (shared with the rules)
+        _, lo, hi = double_range(batch.losses)
+        checks.within(lo, -F32_MAX, math.inf, _fail_losses(local_losses, ""))
+        checks.within(hi, -math.inf, F32_MAX, _fail_losses(local_losses, ""))
     if num_samples is not None:
         lo, hi = batch.index.aminmax()
         if checks.host:
             lo, hi = lo.item(), hi.item()
-        checks.require(lo >= 0 and hi < num_samples if checks.host else (lo >= 0) & (hi < num_samples),
-                       _fail_range(num_samples, lo, hi))
+            checks.require(lo >= 0 and hi < num_samples, _fail_range(num_samples, lo, hi))
+        else:
+            checks.within(lo, 0, num_samples - 1, _fail_range(num_samples, lo, hi))
+            checks.within(hi, 0, num_samples - 1, _fail_range(num_samples, lo, hi))
     ranks = batch.extras.pop(_RANK, None)
     if ranks is not None:
         # DistributedSampler pads an epoch with up to W - 1 of its first samples: only more repeats are refused
         count = cross_rank_repeats(batch.index, ranks)
-        checks.require(count < batch.world_size, _fail_repeats(batch, count))
-    checks.flush()
+        checks.within(count, 0, batch.world_size - 1, _fail_repeats(batch, count))
+    slot = None
+    if checks.sync and not checks.host and len(batch) > 1 and any(
+            cb.table is not None and cb.table.device == batch.index.device for cb in callbacks):
+        slot = checks.read(batch.index_info.is_unique(batch.index))  # one more value in the same transfer
+    values = checks.flush()
+    if slot is not None:
+        batch.index_info.unique = bool(values[slot])
     for cb in callbacks:
         cb.validate_batch(batch, ctx)
 
@@ -350,8 +481,12 @@ def propose_losses(callbacks: Sequence[Any], losses: Tensor, extras: dict[str, A
     if transformed:
         (glob,), _ = gather_rows([local.detach()], batch.sizes)
         batch.losses = glob.to(batch.losses.device, torch.float32)
-        checks.require(all_finite(batch.losses) if checks.host else torch.isfinite(batch.losses).all(),
-                       _fail_losses(local, "transformed "))
+        if checks.host:
+            checks.require(all_finite(batch.losses), _fail_losses(local, "transformed "))
+        else:
+            lo, hi = batch.losses.aminmax()
+            checks.within(lo, -F32_MAX, math.inf, _fail_losses(local, "transformed "))
+            checks.within(hi, -math.inf, F32_MAX, _fail_losses(local, "transformed "))
         checks.flush()  # before any callback weighs NaN losses
     return local
 
@@ -402,15 +537,23 @@ def _fail_all_zero() -> None:
 
 def combine(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, checks: Checks) -> Tensor:
     """Step 5: validate each proposal and combine them. The product of the ``normalized`` factors is
-    renormalised to mean 1 over the global batch; the other factors multiply in at their own scale."""
+    renormalised to mean 1 over the global batch; the other factors multiply in at their own scale.
+
+    On a device each proposal costs one ``aminmax`` and the product one sum. Without other factors (the common
+    case) the sum is the only total to check (each renormalised weight is at most the batch size, so none
+    overflows): with ``sync`` it is read with the checks and the product is scaled on the host's value, as on
+    the CPU; deferred, the scale ``B / total`` stays on the device, a total below ``4·B / 3.4e38`` counting as
+    all zero (its scale would overflow float32)."""
+    if checks.host:
+        return _combine_host(proposals, batch, checks)
     normalized: Tensor | None = None
     raw: Tensor | None = None
     for cb, w in proposals:
         if w is None:
             continue
         low, high = w.aminmax()  # a NaN shows in both; -inf in the min, +inf in the max
-        checks.require((low.item() >= 0 and high.item() < math.inf) if checks.host else (low >= 0) & (high < math.inf),
-                       _reject_weights(cb))
+        checks.within(low, 0.0, math.inf, _reject_weights(cb))
+        checks.within(high, -math.inf, F32_MAX, _reject_weights(cb))
         if cb.normalized:
             normalized = w if normalized is None else normalized * w
         else:
@@ -419,27 +562,57 @@ def combine(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, chec
     if normalized is None and raw is None:
         checks.flush()
         return torch.ones(n, dtype=torch.float32, device=batch.losses.device)
-    total: Tensor | float | None = None
+    least = 4.0 * n / F32_MAX  # the smallest total whose scale B / total is finite in float32 (with margin)
     if normalized is not None:
         total = normalized.sum()
-        if checks.host:
-            total = total.item()
-            normalized = normalized * (n / total if total > 0 else 1.0)
+        if raw is None:
+            checks.within(total, -math.inf, F32_MAX, _fail_overflow)
+            if checks.sync:  # read with the checks: scale on the host, as the CPU path does
+                checks.within(total, F32_TINY, math.inf, _fail_all_zero)
+                at = len(checks._pending) - 1
+                value = checks.flush()[at]
+                return normalized * (n / value if value > 0 else 1.0)
+            checks.within(total, least, math.inf, _fail_all_zero)
+            return normalized * (total.clamp_min(least).reciprocal() * n)
+        normalized = normalized * (total.clamp_min(least).reciprocal() * n)
+    weights = raw if normalized is None else normalized * raw
+    # the parts are finite and non-negative once the checks above hold, so a finite positive total means finite
+    # combined weights (an overflow shows as an infinite total)
+    total = weights.sum()
+    checks.within(total, -math.inf, F32_MAX, _fail_overflow)
+    checks.within(total, F32_TINY, math.inf, _fail_all_zero)
+    checks.flush()
+    return weights
+
+
+def _combine_host(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, checks: Checks) -> Tensor:
+    """``combine`` on the CPU: every check read at once."""
+    normalized: Tensor | None = None
+    raw: Tensor | None = None
+    for cb, w in proposals:
+        if w is None:
+            continue
+        low, high = w.aminmax()  # a NaN shows in both; -inf in the min, +inf in the max
+        checks.require(low.item() >= 0 and high.item() < math.inf, _reject_weights(cb))
+        if cb.normalized:
+            normalized = w if normalized is None else normalized * w
         else:
-            normalized = normalized * torch.where(total > 0, n / total, torch.ones_like(total))
+            raw = w if raw is None else raw * w
+    n = len(batch)
+    if normalized is None and raw is None:
+        return torch.ones(n, dtype=torch.float32, device=batch.losses.device)
+    total: float | None = None
+    if normalized is not None:
+        total = normalized.sum().item()
+        normalized = normalized * (n / total if total > 0 else 1.0)
     weights = normalized if raw is None else raw if normalized is None else normalized * raw
     # the parts are finite and non-negative once the checks above hold, so a finite positive total means finite
     # combined weights (an overflow shows as an infinite total). Mean-1 factors alone are renormalised to total
     # n when their own total is finite and positive (each weight <= total, none overflows): no second sum
-    if raw is not None or not checks.host:
-        total = weights.sum().item() if checks.host else weights.sum()
-    if checks.host:
-        checks.require(math.isfinite(total), _fail_overflow)
-        checks.require(total > 0, _fail_all_zero)
-    else:
-        checks.require(torch.isfinite(total), _fail_overflow)
-        checks.require(total > 0, _fail_all_zero)
-    checks.flush()
+    if raw is not None:
+        total = weights.sum().item()
+    checks.require(math.isfinite(total), _fail_overflow)
+    checks.require(total > 0, _fail_all_zero)
     return weights
 
 
@@ -512,6 +685,7 @@ def run_step(callbacks: Sequence[Any], ctx: Any, module: Any, losses: Any, index
         cb.ensure_table(ctx, module)
         cb._reduce_calls += 1
     checks = Checks(device, sync=any(cb.sync_checks for cb in callbacks))
+    batch.checks = checks
     # the index range is checked against the training set size, except on the index-free path (all -1)
     num_samples = _training_set_size(callbacks, ctx) if keyed else None
     check_batch(callbacks, batch, losses, checks, num_samples, ctx)
@@ -519,6 +693,7 @@ def run_step(callbacks: Sequence[Any], ctx: Any, module: Any, losses: Any, index
     proposals = propose_weights(callbacks, batch, ctx, module)
     weights = combine(proposals, batch, checks)
     if checks.deferred:
-        callbacks[0].defer_check(torch.stack(checks.deferred).all())
+        callbacks[0].defer_check(checks.deferred_values())
     commit(callbacks, proposals, batch, weights, ctx, module)
+    batch.index_info.release()  # the pair matrix / sort served the commit: not kept with the batch
     return local_loss(weights, batch, local)

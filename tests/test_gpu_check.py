@@ -49,3 +49,7 @@ def test_cpu_smoke_runs_every_callback(tmp_path):
     assert all(row["steps"] == 4 for row in payload["table"])
     summary = (out / "summary.txt").read_text()
     assert "gpu_fit.ok_GroupDRO = 1.0" in summary
+    ops = json.loads((out / "op_count.json").read_text())["figures"]  # the op counts next to the step times
+    assert 0 < ops["ops_linupper_sync"] <= 40 and 0 < ops["ops_linupper_nosync"] <= 40
+    assert {f"ops_adawac_{mode}" for mode in ("sync", "nosync")} <= set(ops)
+    assert "op_count.ops_group_dro_sync = " in summary

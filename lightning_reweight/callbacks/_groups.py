@@ -168,22 +168,13 @@ class GroupCallback(WeightingCallback):
         """Validate the batch's ids once and return ``(bucket ids, counts)``: ids with every ``ignore_index``
         sample in the extra bucket ``num_groups``, and the ``num_groups + 1`` bucket counts.
 
-        On a GPU batch only tensor ops run: an invalid id is counted in the extra bucket and reported by the
-        deferred checks (``sync_checks=False``) or right away (``sync_checks=True``, one host read)."""
+        On a GPU batch only tensor ops run (``_device_buckets``): an invalid id is reported by the step's checks,
+        read with the engine's (``sync_checks=True``) or deferred."""
         assert self.num_groups is not None
         num_groups = self.num_groups
         if group.device.type != "cpu" and not group.is_floating_point() and group.dtype != torch.bool \
                 and group.ndim == 1:
-            group = group.to(torch.int64)
-            known = (group >= 0) & (group < num_groups)
-            valid = known | (group == self.ignore_index) if self.ignore_index is not None else known
-            if batch is not None and not self.host_checks(batch):
-                self.defer_check(valid.all())
-            elif not bool(valid.all()):
-                check_groups(group.cpu(), num_groups, self.ignore_index, name="group")  # raises, naming the ids
-            idx = torch.where(known, group, num_groups)
-            counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=group.device)
-            return idx, counts.index_add_(0, idx, torch.ones_like(idx))
+            return self._device_buckets(group.to(torch.int64), batch)
         if group.dtype == torch.int64 and group.ndim == 1 and group.numel():
             lo, hi = (int(v) for v in group.aminmax())
             if lo >= 0 and hi < num_groups:  # fast path: every id valid, none ignored
@@ -191,6 +182,33 @@ class GroupCallback(WeightingCallback):
         group = check_groups(group, num_groups, self.ignore_index, name="group")
         idx = group if self.ignore_index is None else torch.where(group == self.ignore_index, num_groups, group)
         return idx, torch.bincount(idx, minlength=num_groups + 1)
+
+    def _device_buckets(self, group: Tensor, batch: GlobalBatch | None) -> tuple[Tensor, Tensor]:
+        """``_bucket_and_count`` with tensor ops only (a device batch): the ids' check joins the step's checks
+        (one ``aminmax``), an invalid id lands in a bucket in range until the checks report it."""
+        num_groups = self.num_groups
+        # with ignore_index samples counted as group 0, the ids are valid exactly when they lie in [0, num_groups)
+        ignored = None if self.ignore_index is None else group == self.ignore_index
+        ids = group if ignored is None else group.masked_fill(ignored, 0)
+        lo, hi = ids.aminmax()
+        bad_ids = lambda: check_groups(group.cpu(), num_groups, self.ignore_index, name="group")  # noqa: E731
+        if batch is not None:  # with the step's checks (a device step reads none on its own)
+            self.check_within(batch, lo, 0, num_groups - 1, bad_ids)
+            self.check_within(batch, hi, 0, num_groups - 1, bad_ids)
+        elif not (0 <= int(lo) and int(hi) < num_groups):
+            bad_ids()  # raises, naming the ids
+        # ignore_index samples in the extra bucket; an invalid id (reported by the checks) in a bucket in range
+        idx = ids.clamp(0, num_groups)
+        idx = idx if ignored is None else idx.masked_fill(ignored, num_groups)
+        counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=group.device)
+        return idx, counts.index_add_(0, idx, self._ones_like(idx))
+
+    def _ones_like(self, idx: Tensor) -> Tensor:
+        """``torch.ones_like(idx)``, kept between steps of one batch size (one kernel fewer per step)."""
+        ones = getattr(self, "_ones", None)
+        if ones is None or ones.shape != idx.shape or ones.device != idx.device or ones.dtype != idx.dtype:
+            ones = self._ones = torch.ones_like(idx)
+        return ones
 
     def prepared(self, batch: GlobalBatch) -> tuple[Tensor, Tensor]:
         """``(bucket ids, bucket counts)`` of ``batch`` from ``validate_batch`` (recomputed if missing)."""

@@ -133,10 +133,13 @@ class AdaWAC(WeightingCallback):
                 f"Expected the `{self.consistency_key}` loss to have shape {tuple(batch.losses.shape)} (one value per "
                 f"sample, like `losses`), but got {tuple(cons.shape)}. Average it over features per sample."
             )
-        if not self.host_checks(batch):  # a GPU step without host reads: checked at the end of the epoch
-            self.defer_check(torch.isfinite(cons).all())
+        if batch.losses.device.type != "cpu":  # with the step's checks: no host read of its own
+            self.check_finite(batch, cons, self._not_finite)
         elif not all_finite(cons):
-            raise ValueError(f"Expected a finite `{self.consistency_key}` loss, but got NaN or inf; no state was updated.")
+            self._not_finite()
+
+    def _not_finite(self) -> None:
+        raise ValueError(f"Expected a finite `{self.consistency_key}` loss, but got NaN or inf; no state was updated.")
 
     @override
     def transform_losses(self, losses: Tensor, extras: dict[str, Tensor], batch: GlobalBatch, trainer: pl.Trainer,
@@ -149,14 +152,14 @@ class AdaWAC(WeightingCallback):
             )
         # pure: the new β rows are committed in ``on_weights_computed`` once every callback's weights were accepted
         loss_sup, loss_cons = batch.losses, batch.extras[self.consistency_key].float()
-        new_sup, new_cons = self._step(batch.index, loss_sup, loss_cons)
+        new_sup, new_cons = self._step(batch.index, loss_sup, loss_cons, batch.index_info)
         self._pending = (batch, new_sup, new_cons)
         self._parts = (loss_sup, loss_cons)  # detached global copies already; nothing mutates them
         b_sup = new_sup[batch.local].to(losses.device, losses.dtype)
         b_cons = new_cons[batch.local].to(losses.device, losses.dtype)
         return b_sup * losses + b_cons * cons_local.to(losses.dtype)
 
-    def _step(self, index: Tensor, loss_sup: Tensor, loss_cons: Tensor) -> tuple[Tensor, Tensor]:
+    def _step(self, index: Tensor, loss_sup: Tensor, loss_cons: Tensor, index_info: Any = None) -> tuple[Tensor, Tensor]:
         """The global batch's ``(β_sup, β_cons)`` after the mirror step, per batch position (a repeated sample
         carries the same new β at each of its positions); reads the table, changes nothing."""
         sup_col, cons_col = self.table["beta_sup"], self.table["beta_cons"]
@@ -168,10 +171,12 @@ class AdaWAC(WeightingCallback):
             kernels.adawac_step(sup_col.numpy(), cons_col.numpy(), index.numpy(), loss_sup.numpy(),
                                 loss_cons.numpy(), self.eta, new_sup.numpy(), new_cons.numpy())
             return new_sup, new_cons
+        if index.device.type != "cpu":  # the fixed-shape (device) update: already one value per position
+            _, new_sup, new_cons = adawac_update(sup_col, cons_col, index, loss_sup, loss_cons, self.eta,
+                                                 index_info=index_info)
+            return new_sup, new_cons
         rows, new_sup, new_cons, inverse = adawac_update(sup_col, cons_col, index, loss_sup, loss_cons, self.eta,
                                                          return_inverse=True)
-        if index.device.type != "cpu":  # the fixed-shape (device) update: already one value per position
-            return new_sup, new_cons
         return new_sup[inverse], new_cons[inverse]
 
     @override
@@ -195,7 +200,8 @@ class AdaWAC(WeightingCallback):
         else:  # the fixed-shape merge averages repeats through prefix sums: write the (identical) values directly
             table["beta_sup"][batch.index] = new_sup
             table["beta_cons"][batch.index] = new_cons
-        table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights, **extra)
+        table.update(batch.index, check=False, index_info=batch.index_info, loss=batch.losses, ema_loss=batch.losses,
+                     weight=weights, **extra)
         self._last = (batch, weights)
 
     # ------------------------------------------------------------------ checkpoint

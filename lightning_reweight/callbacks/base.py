@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing_extensions import override
 
 from lightning_reweight.callbacks._restore import checkpoint_entry, warn_unmatched
 from lightning_reweight.callbacks.logging import log_weight_stats
-from lightning_reweight.engine import TWO_LINES, GlobalBatch
+from lightning_reweight.engine import TWO_LINES, DeferredChecks, GlobalBatch
 from lightning_reweight.state.table import DEFAULT_COLUMNS, Column, SampleStateTable, _spec_to_dict
 from lightning_reweight.state.validate import (
     CheckpointStateError,
@@ -155,7 +156,7 @@ class WeightingCallback(Callback):
         self._pending_table_state: tuple[int, dict[str, Column], dict[str, Tensor]] | None = None
         self._train_size: int | None = None
         self._last: tuple[GlobalBatch, Tensor] | None = None
-        self._deferred: list[Tensor] = []  # 0-d bool checks not read yet (``defer_check``)
+        self._deferred: list[Tensor | DeferredChecks] = []  # checks not read yet (``defer_check``)
         self._deferred_bad: Tensor | None = None  # how many of the folded ones failed (0-d, on their device)
         #: the weights this callback's ``compute_weights`` returned at the last step (``None``: no opinion)
         self.last_weights: Tensor | None = None
@@ -222,7 +223,8 @@ class WeightingCallback(Callback):
     def record_in_table(self, batch: GlobalBatch, weights: Tensor) -> Any:
         """Write the accepted step into the per-sample table (``loss``, ``ema_loss``, ``count``, ``weight``);
         returns the table update's repeats (see ``on_weights_computed``)."""
-        return self.table.update(batch.index, check=False, loss=batch.losses, ema_loss=batch.losses, weight=weights)
+        return self.table.update(batch.index, check=False, index_info=batch.index_info, loss=batch.losses,
+                                 ema_loss=batch.losses, weight=weights)
 
     def log_extras(self) -> dict[str, float]:
         """Method-specific scalars logged next to the weight statistics (e.g. ``{"q/group_0": 0.4}``)."""
@@ -408,12 +410,51 @@ class WeightingCallback(Callback):
         its check to ``defer_check`` and it is read at the end of the epoch / the next checkpoint."""
         return self.sync_checks or batch.losses.device.type == "cpu"
 
-    def defer_check(self, ok: Tensor) -> None:
-        """Keep a 0-d bool check of this step for ``check_deferred`` (no host synchronisation now).
+    def check_step(self, batch: GlobalBatch, ok: Tensor, fail: Any) -> None:
+        """A check of this step's batch (in ``validate_batch`` / ``compute_weights``): ``fail()`` raises unless
+        the 0-d bool ``ok`` holds. It joins the step's own checks (``GlobalBatch.checks``): read at once on the
+        CPU, with the engine's next read on a device (one transfer for all of a phase's checks), or deferred with
+        them (``sync_checks=False``). The propose phase must not change state, so a late failure still leaves
+        every callback as it was."""
+        checks = batch.checks
+        if checks is not None:
+            checks.require(ok, fail)
+        elif self.host_checks(batch):  # a batch built outside ``run_step``
+            if not bool(ok):
+                fail()
+        else:
+            self.defer_check(ok)
 
-        Every ``DEFERRED_FOLD`` checks are folded on their device into one count of failures (three kernel
+    def check_within(self, batch: GlobalBatch, value: Tensor, low: float, high: float, fail: Any) -> None:
+        """``check_step`` of ``low <= value <= high`` for a 0-d ``value`` (a NaN fails): on a device with
+        ``sync_checks`` the value itself joins the step's one read (no comparison kernels)."""
+        checks = batch.checks
+        if checks is not None:
+            checks.within(value, low, high, fail)
+        else:
+            self.check_step(batch, (value >= low) & (value <= high), fail)
+
+    def check_finite(self, batch: GlobalBatch, values: Tensor, fail: Any, minimum: float = -math.inf) -> None:
+        """``check_step`` of "every value is finite (and at least ``minimum``)" for a floating tensor: on a device
+        one ``aminmax`` whose two values join the step's checks (a NaN shows in both, -inf in the min, +inf in
+        the max)."""
+        if batch.checks is None or batch.checks.host or not values.numel():
+            ok = torch.isfinite(values).all()
+            self.check_step(batch, ok if minimum == -math.inf else ok & (values >= minimum).all(), fail)
+            return
+        big = float(torch.finfo(values.dtype).max)
+        lo, hi = values.aminmax()
+        self.check_within(batch, lo, max(-big, minimum), math.inf, fail)
+        self.check_within(batch, hi, -math.inf, big, fail)
+
+    def defer_check(self, ok: Tensor | DeferredChecks) -> None:
+        """Keep a 0-d bool check of this step (or a step's raw ``DeferredChecks``) for ``check_deferred`` (no
+        host synchronisation now).
+
+        Every ``DEFERRED_FOLD`` checks are folded on their device into one count of failures (a few kernel
         launches), so a long epoch without a validation or checkpoint keeps O(1) tensors, not one per step."""
-        ok = ok.reshape(())
+        if isinstance(ok, Tensor):
+            ok = ok.reshape(())
         if self._deferred and self._deferred[0].device != ok.device:
             self._fold_deferred()  # the module moved: fold the old device's checks first
         self._deferred.append(ok)
@@ -423,7 +464,11 @@ class WeightingCallback(Callback):
     def _fold_deferred(self) -> None:
         if not self._deferred:
             return
-        bad = (~torch.stack(self._deferred)).sum()
+        checks = [ok for ok in self._deferred if isinstance(ok, Tensor)]
+        steps = [ok for ok in self._deferred if not isinstance(ok, Tensor)]
+        bad = (~torch.stack(checks)).sum() if checks else DeferredChecks.count_bad(steps)
+        if checks and steps:
+            bad = bad + DeferredChecks.count_bad(steps)
         self._deferred = []
         if self._deferred_bad is not None:  # (a copy only if the module moved to another device since)
             bad = bad + self._deferred_bad.to(bad.device)

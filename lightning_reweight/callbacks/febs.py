@@ -22,6 +22,7 @@ from lightning_reweight.rules.fairness import (
     febs_group_scales,
     update_group_errors,
 )
+from lightning_reweight.rules.instance import double_range
 from lightning_reweight.state.validate import CheckpointStateError, as_int, as_tensor, require_keys
 
 __all__ = ["FairErrorBoundScaling", "FEBSDiceLoss"]
@@ -149,16 +150,19 @@ class FairErrorBoundScaling(GroupCallback):
         seen = self.seen if self.seen.device == device else self.seen.to(device)
         counts = bucket_counts[:g]
         present = counts > 0
-        sums = torch.zeros(g + 1, dtype=torch.float64, device=device).index_add_(0, idx, batch.losses.double())
+        losses64 = double_range(batch.losses)[0]  # (the float64 copy the step's finite check made)
+        sums = torch.zeros(g + 1, dtype=torch.float64, device=device).index_add_(0, idx, losses64)
         errors, seen = update_group_errors(errors, seen, sums[:g] / counts.clamp_min(1), present, self.momentum)
         lo = torch.where(present, errors, torch.inf).amin()  # the min over the groups present (FairSeg, ours)
-        ratio = torch.where(errors > 1e-12, lo / errors.clamp_min(1e-12), torch.ones_like(errors))
-        scales = torch.where(present, torch.tanh(ratio.clamp_min(0) ** self.gamma), torch.ones_like(errors))
-        inv = 1.0 / scales.clamp_min(self.min_scale)
+        ratio = torch.where(errors > 1e-12, lo / errors.clamp_min(1e-12), 1.0)
+        ratio = ratio.clamp_min(0) if self.gamma == 1.0 else ratio.clamp_min(0) ** self.gamma  # x ** 1.0 == x
+        scales = torch.where(present, torch.tanh(ratio), 1.0)
+        inv = scales.clamp_min(self.min_scale).reciprocal()  # (1.0 / t is the reciprocal)
         denom = (inv * counts).sum()
-        inv = inv * torch.where(denom > 0, counts.sum() / denom, torch.ones_like(denom))
+        inv = inv * torch.where(denom > 0, counts.sum() / denom, 1.0)
         self._pending = (batch, errors, seen, scales, present, present.any())
-        return torch.cat([inv, inv.new_ones(1)]).float()[idx]  # ignore_index samples (extra bucket) keep 1
+        # ignore_index samples (extra bucket) keep 1
+        return torch.nn.functional.pad(inv, (0, 1), value=1.0).float()[idx]
 
     def _fold_steps(self) -> None:
         """Add the steps counted on the device (one host read, at logging cadence or a checkpoint)."""

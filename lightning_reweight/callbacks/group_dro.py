@@ -133,15 +133,18 @@ class GroupDRO(GroupCallback):
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         super().validate_batch(batch, trainer)
         _, counts = self.prepared(batch)
-        if not self.host_checks(batch):  # a GPU step without host reads: checked at the end of the epoch
-            self.defer_check(counts[-1] < len(batch))
+        if batch.losses.device.type != "cpu":  # with the step's checks: no host read of its own
+            self.check_step(batch, counts[-1] < len(batch), self._all_ignored)
         elif int(counts[-1]) == len(batch):
-            raise ValueError(
-                f"Expected at least one sample with a known group, but every sample of this batch has group "
-                f"ignore_index={self.ignore_index}: GroupDRO gives such samples weight 0, so the whole batch would "
-                "count 0. No state was updated. Drop unknown-group samples from the training set, or sample "
-                "batches that contain known groups (e.g. a group-balanced sampler)."
-            )
+            self._all_ignored()
+
+    def _all_ignored(self) -> None:
+        raise ValueError(
+            f"Expected at least one sample with a known group, but every sample of this batch has group "
+            f"ignore_index={self.ignore_index}: GroupDRO gives such samples weight 0, so the whole batch would "
+            "count 0. No state was updated. Drop unknown-group samples from the training set, or sample "
+            "batches that contain known groups (e.g. a group-balanced sampler)."
+        )
 
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         # pure: the new q is committed in ``on_weights_computed`` once every callback's weights were accepted

@@ -209,14 +209,20 @@ class ImportanceSampling(WeightingCallback):
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         super().validate_batch(batch, trainer)
         s = self._scores(batch)
-        if s.numel() == len(batch) and not self.host_checks(batch):  # a GPU step: checked at the epoch's end
-            self.defer_check(torch.isfinite(s).all() & (s >= 0).all())
+        if s.numel() == len(batch) and batch.losses.device.type != "cpu":  # with the step's checks (no own read)
+            if s is batch.losses:  # checked finite already
+                self.check_within(batch, s.amin(), 0.0, math.inf, lambda: self._bad_scores(batch, s))
+            else:
+                self.check_finite(batch, s, lambda: self._bad_scores(batch, s), minimum=0.0)
         elif s.numel() != len(batch) or s.min().item() < 0 or (
                 s is not batch.losses and not bool(torch.isfinite(s).all())):  # the losses were checked finite
-            raise ValueError(
-                f"Expected one finite, non-negative {self.score!r} score per sample ({len(batch)}), but got "
-                f"{s.numel()} values (min {float(s.min()) if s.numel() else 'n/a'})."
-            )
+            self._bad_scores(batch, s)
+
+    def _bad_scores(self, batch: GlobalBatch, s: Tensor) -> None:
+        raise ValueError(
+            f"Expected one finite, non-negative {self.score!r} score per sample ({len(batch)}), but got "
+            f"{s.numel()} values (min {float(s.min()) if s.numel() else 'n/a'})."
+        )
 
     @override
     def compute_weights(self, batch: GlobalBatch, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
@@ -233,8 +239,9 @@ class ImportanceSampling(WeightingCallback):
         # the table update found where the indices repeat (draws with replacement): the score update reuses it
         repeats = self._repeats
         # O(batch): only the batch's rows of ``is_score`` / ``is_seen`` are read and written
+        info = batch.index_info
         scatter_ema_(table.columns["is_score"], table.columns["is_seen"], batch.index, self._scores(batch),
-                     self.smoothing, repeats=repeats)
+                     self.smoothing, repeats=repeats, unique=bool(info.unique) and info.describes(batch.index))
         if self._num_classes and batch.index.device.type != "cpu":  # no bincount on a GPU (it syncs)
             if self._targets_device is None or self._targets_device.device != batch.index.device:
                 self._targets_device = self._targets.to(batch.index.device)  # once

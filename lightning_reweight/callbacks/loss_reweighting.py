@@ -13,13 +13,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
+from lightning_reweight.callbacks.base import DEFERRED_FOLD, GlobalBatch, WeightingCallback
 from lightning_reweight.rules import RULES, Rule, clip_weights, create_rule, effective_sample_size
 from lightning_reweight.rules.instance import host_kernels
 from lightning_reweight.rules.registry import rule_arguments
 from lightning_reweight.state.validate import CheckpointStateError, as_int
 
 __all__ = ["LossReweighting", "resolve_rule_arguments"]
+
+#: a GPU run keeps at most this many weights (over its last steps) before it counts their ESS collapses
+_KEPT_ROWS = 1 << 20
 
 #: the rule-specific constructor arguments of ``LossReweighting``
 RULE_ARGUMENTS = ("r", "delta", "direction", "normalizer", "ema_rate")
@@ -195,12 +198,21 @@ class LossReweighting(WeightingCallback):
         self._collapsed = False
         self._collapsed_device: Tensor | None = None
         self._collapse_batch: tuple[int, int] | None = None
-        #: the last step's effective sample size (a 0-d tensor after a step on a GPU: no host read)
-        self.last_ess: float | Tensor | None = None
+        self._last_ess: float | Tensor | None = None
+        self._ess_weights: Tensor | None = None  # a GPU step's weights, for ``last_ess``
+        self._ess_kept: list[tuple[Tensor, int]] = []  # a GPU run's weights whose ESS is not computed yet
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(rule=self.rule_name, name=self.name)
+
+    @property
+    def last_ess(self) -> float | Tensor | None:
+        """The last step's effective sample size (a 0-d tensor after a step on a GPU, computed on first access:
+        no host read)."""
+        if self._last_ess is None and self._ess_weights is not None:
+            self._last_ess = effective_sample_size(self._ess_weights, unit_mass=not self.rule.normalized)
+        return self._last_ess
 
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         self._pending = None  # a proposal of an earlier, rejected step is never committed
@@ -235,11 +247,10 @@ class LossReweighting(WeightingCallback):
                 ess = total * total / max(square, 1e-300)
                 ess = min(ess, total) if not self.rule.normalized else ess
                 collapsed = ess < self.min_ess_frac * size
-            else:  # on a GPU both stay 0-d tensors (no host sync), read at logging cadence
-                ess = effective_sample_size(weights, unit_mass=not self.rule.normalized)
-                collapsed = ess < self.min_ess_frac * size
+            else:  # on a GPU: the weights are kept and their ESS computed with other steps' at the next fold
+                ess, collapsed = None, (weights, size)
         self._pending = (batch, pending, collapsed)
-        self.last_ess = ess
+        self._last_ess, self._ess_weights = ess, collapsed[0] if isinstance(collapsed, tuple) else None
         return weights
 
     def _propose_valid(self, losses: Tensor, valid: Tensor) -> tuple[Tensor, Any, int]:
@@ -275,10 +286,13 @@ class LossReweighting(WeightingCallback):
         if pending is not None:  # (cleared in validate_batch: never a previous, rejected step's)
             self.rule.commit(pending[1])
             collapsed = pending[2]
-            if isinstance(collapsed, Tensor):  # a GPU step: counted on the device, read at logging cadence
-                self._collapsed_device = collapsed.long() if self._collapsed_device is None \
-                    else self._collapsed_device + collapsed.long()
+            if isinstance(collapsed, tuple):  # a GPU step: its ESS is computed with the others' at the fold
+                self._ess_kept.append(collapsed)
                 self._collapse_batch = (len(batch), batch.global_step)
+                if len(self._ess_kept) >= DEFERRED_FOLD or \
+                        len(self._ess_kept) * collapsed[0].numel() >= _KEPT_ROWS:
+                    self._fold_ess()
+                collapsed = self._collapsed
             elif collapsed:
                 self.ess_collapsed_steps += 1
                 if not self._collapsed:
@@ -304,9 +318,27 @@ class LossReweighting(WeightingCallback):
                           weight=weights[rows])
         return None  # the repeats refer to the valid rows only: no subclass reuses them
 
+    def _fold_ess(self) -> None:
+        """Count the ESS collapses of the kept GPU steps on the device (no host read): one batched computation for
+        every step of one batch size (a few kernels per fold instead of eight per step)."""
+        kept, self._ess_kept = self._ess_kept, []
+        groups: dict[tuple[int, int], list[Tensor]] = {}
+        for weights, size in kept:
+            groups.setdefault((weights.numel(), size), []).append(weights)
+        for (_, size), ws in groups.items():
+            w = torch.stack(ws).double()  # as ``effective_sample_size``, one row per step
+            total = w.sum(1)
+            ess = total.square() / (w * w).sum(1).clamp_min(1e-300)
+            if not self.rule.normalized:
+                ess = torch.minimum(ess, total)
+            count = (ess.float() < self.min_ess_frac * size).sum()
+            self._collapsed_device = count if self._collapsed_device is None else self._collapsed_device + count
+
     def _fold_collapses(self) -> None:
         """Read the ESS collapses counted on a GPU (one host read, at logging cadence or a checkpoint) and
         warn once per episode, as the CPU path does per step."""
+        if self._ess_kept:
+            self._fold_ess()
         if self._collapsed_device is None:
             return
         new, self._collapsed_device = int(self._collapsed_device), None
@@ -352,3 +384,4 @@ class LossReweighting(WeightingCallback):
     def assign_extra_state(self, checked: tuple[Rule, int]) -> None:
         self.rule, self.ess_collapsed_steps = checked
         self._collapsed_device = None  # device counts of the run before the restore are superseded
+        self._ess_kept = []

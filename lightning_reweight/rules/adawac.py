@@ -29,9 +29,13 @@ Ours, not the paper's:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_reweight.rules.instance import double_range
+from lightning_reweight.state.table import PAIR_MERGE_ROWS
 
 __all__ = ["adawac_mirror_step", "adawac_update", "check_eta"]
 
@@ -94,6 +98,12 @@ def adawac_mirror_step(
 
 
 def _step_log_ratio(beta_sup: Tensor, beta_cons: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+    if beta_sup.device.type != "cpu" and beta_sup.shape == beta_cons.shape:
+        # on a device both weights in one (2, B) tensor: each elementwise op is one kernel for the pair
+        logs = torch.stack([beta_sup.detach(), beta_cons.detach()]).double().clamp_min(0).log().clamp_min(_LOG_TINY)
+        z = logs[0] - logs[1] + step.to(logs.device)
+        new = torch.sigmoid(torch.stack([z, -z])).to(beta_sup.dtype)
+        return new[0], new[1]
     log_sup = beta_sup.detach().double().clamp_min(0).log().clamp_min(_LOG_TINY)
     log_cons = beta_cons.detach().double().clamp_min(0).log().clamp_min(_LOG_TINY)
     z = log_sup - log_cons + step.to(log_sup.device)
@@ -102,7 +112,7 @@ def _step_log_ratio(beta_sup: Tensor, beta_cons: Tensor, step: Tensor) -> tuple[
 
 def adawac_update(
     beta_sup: Tensor, beta_cons: Tensor, index: Tensor, loss_sup: Tensor, loss_cons: Tensor, eta: float = 8.0,
-    return_inverse: bool = False,
+    return_inverse: bool = False, index_info: Any = None,
 ) -> tuple[Tensor, ...]:
     """The mirror step for a (global) batch read from and meant for per-sample columns of length N.
 
@@ -115,6 +125,9 @@ def adawac_update(
         eta: step size ``η``.
         return_inverse: also return each batch position's place in ``rows`` (``new[inverse]`` are the batch's
             weights in batch order).
+        index_info: on a device, the step's ``state.table.BatchIndex`` of ``index``: with no repeated index
+            each position takes its own step (no sort); otherwise the repeats' steps add up through its pair
+            matrix (batches up to ``PAIR_MERGE_ROWS``) or a sort and prefix sums.
 
     Returns:
         ``(rows, new_beta_sup, new_beta_cons)`` (plus ``inverse`` when asked): the distinct indices of the batch
@@ -124,13 +137,14 @@ def adawac_update(
     """
     eta = check_eta(eta)
     _check_pair("loss_sup", loss_sup, "loss_cons", loss_cons)
-    index = index.reshape(-1).to(torch.int64)
+    if index.dim() != 1 or index.dtype != torch.int64:  # (the step's own index tensor stays itself)
+        index = index.reshape(-1).to(torch.int64)
     if index.numel() != loss_sup.numel():
         raise ValueError(
             f"Expected one index per loss, but got {index.numel()} indices and {loss_sup.numel()} losses."
         )
     if index.device.type != "cpu":  # fixed shapes, no host sync: every batch position is its own "row"
-        return _device_update(beta_sup, beta_cons, index, loss_sup, loss_cons, eta, return_inverse)
+        return _device_update(beta_sup, beta_cons, index, loss_sup, loss_cons, eta, return_inverse, index_info)
     rows, inverse = torch.unique(index.cpu(), return_inverse=True)
     diff = loss_sup.detach().double().cpu() - loss_cons.detach().double().cpu()
     step = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, inverse, eta * diff)
@@ -139,15 +153,23 @@ def adawac_update(
 
 
 def _device_update(beta_sup: Tensor, beta_cons: Tensor, index: Tensor, loss_sup: Tensor, loss_cons: Tensor,
-                   eta: float, return_inverse: bool) -> tuple[Tensor, ...]:
+                   eta: float, return_inverse: bool, index_info: Any = None) -> tuple[Tensor, ...]:
     """``adawac_update`` with fixed shapes: each position's step is the sum over its index's repeats (a sorted
     prefix sum between ``searchsorted`` bounds), so repeated positions get identical new weights."""
-    sorted_index, perm = torch.sort(index)
-    diff = (loss_sup.detach().double() - loss_cons.detach().double()).to(index.device)
-    csum = torch.cat([diff.new_zeros(1), torch.cumsum(eta * diff[perm], 0)])
-    left = torch.searchsorted(sorted_index, index)
-    right = torch.searchsorted(sorted_index, index, right=True)
-    new_sup, new_cons = _step_log_ratio(beta_sup[index], beta_cons[index], csum[right] - csum[left])
+    sup64 = double_range(loss_sup.detach()) if loss_sup.device.type != "cpu" else None  # (the step's copy)
+    diff = ((sup64[0] if sup64 is not None else loss_sup.detach().double()) - loss_cons.detach().double())
+    step = eta * diff.to(index.device)
+    if index_info is not None and index_info.describes(index) and index_info.unique:
+        pass  # no index repeats: each position's own step (as the CPU path's sum of one)
+    elif index_info is not None and index_info.describes(index) and index.numel() <= PAIR_MERGE_ROWS:
+        step = index_info.pairs64(index) @ step  # each position: the sum of its sample's steps (one product)
+    else:
+        sorted_index, perm = torch.sort(index)
+        csum = torch.cat([step.new_zeros(1), torch.cumsum(step[perm], 0)])
+        left = torch.searchsorted(sorted_index, index)
+        right = torch.searchsorted(sorted_index, index, right=True)
+        step = csum[right] - csum[left]
+    new_sup, new_cons = _step_log_ratio(beta_sup[index], beta_cons[index], step)
     if return_inverse:
         return index, new_sup, new_cons, torch.arange(index.numel(), device=index.device)
     return index, new_sup, new_cons

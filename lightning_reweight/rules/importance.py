@@ -76,7 +76,7 @@ def gradnorm_score(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate: float,
-                 repeats: Repeats | None = None) -> None:
+                 repeats: Repeats | None = None, unique: bool = False) -> None:
     """In place, sequential EMA updates ``v ← (1 − rate)·v + rate·x`` of ``values[index]``, in batch order.
 
     A sample's first observation (``seen`` False) sets ``v = x``. Repeated indices within one call are applied
@@ -92,6 +92,8 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
         rate: weight of a new observation, in ``(0, 1]``.
         repeats: on the CPU, where ``index`` repeats, if already known (``SampleStateTable.update`` returns
             it for the same batch): the update then needs no sort. Ignored on a GPU.
+        unique: ``index`` is known not to repeat (on a GPU, ``GlobalBatch.index_info.unique``): one EMA step
+            per row, no sort (the same values as the closed form).
     """
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"Expected argument `rate` (smoothing) to be in (0, 1], but got {rate!r}.")
@@ -99,6 +101,12 @@ def scatter_ema_(values: Tensor, seen: Tensor, index: Tensor, new: Tensor, rate:
         return
     index = index.reshape(-1).to(values.device, torch.long)
     new = new.detach().reshape(-1)
+    if index.device.type != "cpu" and unique:  # one step per row, as the closed form of a single occurrence
+        old = values[index].double()
+        new = new.to(values.device, torch.float64)
+        values[index] = torch.where(seen[index] > 0, (1.0 - rate) * old + rate * new, new).to(values.dtype)
+        seen.index_fill_(0, index, True)  # not `seen[index] = True`: that copies a host scalar (a sync on CUDA)
+        return
     if index.device.type != "cpu":  # fixed shapes: no host sync on a GPU
         idx_s, order = torch.sort(index, stable=True)
         _scatter_ema_fixed(values, seen, idx_s, new.to(values.device, torch.float64)[order], rate)
@@ -176,20 +184,51 @@ def _scatter_ema_host(values: np.ndarray, seen: np.ndarray, index: np.ndarray, n
     seen[index] = True
 
 
+_DEVICE_POWERS: dict[tuple[float, torch.device], Tensor] = {}
+_POSITIONS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _device_powers(rate: float, length: int, device: torch.device) -> Tensor:
+    """``_powers`` (the host path's coefficient table) on ``device``: copied once per rate (and when a longer
+    batch needs more), so a step computes no power and both paths read the same coefficients."""
+    key = (rate, device)
+    table = _DEVICE_POWERS.get(key)
+    if table is None or table.numel() < 2 * length:
+        if len(_DEVICE_POWERS) > 64:
+            _DEVICE_POWERS.clear()
+        table = _DEVICE_POWERS[key] = torch.from_numpy(_powers(rate, length)).to(device)
+    return table
+
+
+def _positions(b: int, device: torch.device) -> Tensor:
+    """``arange(1, b + 1)`` on ``device``, kept per batch size."""
+    key = (b, device)
+    found = _POSITIONS.get(key)
+    if found is None:
+        if len(_POSITIONS) > 64:
+            _POSITIONS.clear()
+        found = _POSITIONS[key] = torch.arange(1, b + 1, device=device)
+    return found
+
+
 def _scatter_ema_fixed(values: Tensor, seen: Tensor, idx_s: Tensor, new_s: Tensor, rate: float) -> None:
     """``scatter_ema_``'s closed form with fixed shapes: the repeats of a sample are the sorted positions
-    between its ``searchsorted`` bounds; every repeat writes the same final value."""
+    between its ``searchsorted`` bounds; every repeat writes the same final value. The coefficients are looked up
+    in the host path's table (``_powers``)."""
+    b = idx_s.numel()
+    table = _device_powers(rate, b + 1, idx_s.device)
+    half = table.numel() // 2
     left = torch.searchsorted(idx_s, idx_s)
-    m = torch.searchsorted(idx_s, idx_s, right=True) - left  # repeats of this position's sample
-    pos = torch.arange(idx_s.numel(), device=idx_s.device) - left  # 0-based occurrence number
-    keep = 1.0 - rate
-    coef = rate * torch.pow(torch.full_like(new_s, keep), (m - 1 - pos).to(new_s.dtype))
+    right = torch.searchsorted(idx_s, idx_s, right=True)
+    m = right - left  # repeats of this position's sample
+    later = right - _positions(b, idx_s.device)  # occurrences of this position's sample after it
     was_seen = seen[idx_s] > 0
-    first_unseen = (pos == 0) & ~was_seen
-    coef = torch.where(first_unseen, torch.pow(torch.full_like(new_s, keep), (m - 1).to(new_s.dtype)), coef)
+    # an unseen sample's first occurrence (later == m - 1) takes keep^(m-1), without the rate
+    first_unseen = (later == m - 1) > was_seen
+    coef = table[later + first_unseen * half]
     contrib = torch.zeros_like(new_s).index_add_(0, left, coef * new_s)[left]  # summed per sample
     old = values[idx_s].to(torch.float64)
-    old_term = torch.where(was_seen, torch.pow(torch.full_like(old, keep), m.to(old.dtype)) * old, 0.0)
+    old_term = torch.where(was_seen, table[m + half] * old, 0.0)
     values[idx_s] = (old_term + contrib).to(values.dtype)
     seen.index_fill_(0, idx_s, True)  # not `seen[idx_s] = True`: that copies a host scalar (a sync on CUDA)
 

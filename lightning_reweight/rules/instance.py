@@ -85,15 +85,37 @@ def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> T
     ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
     if losses.device.type != "cpu":  # tensor ops only: no host synchronisation on a GPU
-        x = losses.double()
-        lo_t, hi_t = x.aminmax()
-        scale_t = delta / (hi_t - lo_t).clamp_min(eps)
-        return (x * (2 * scale_t) - (hi_t + lo_t) * scale_t).to(losses.dtype)
+        return _minmax_tensors(losses, *double_range(losses), delta, eps)
     lo, hi = (float(v) for v in losses.aminmax())
     scale = delta / max(hi - lo, eps)  # Python floats: no overflow for huge finite losses
     # 2·scale·ℓ stays within ±(2δ + |ℓ_max + ℓ_min|·scale); compute in float64 only if that could overflow
     x = losses if max(abs(hi), abs(lo)) * 2 * scale < 1e30 else losses.double()
     return x.mul(2 * scale).sub_((hi + lo) * scale).to(losses.dtype)
+
+
+_RANGE: list[Any] = []  # the last device tensor's (tensor, version, float64 copy, min, max): ``double_range``
+
+
+def double_range(losses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(losses.double(), min, max)`` of a device tensor (``min``/``max`` float64 0-d, a NaN in both), computed
+    once per tensor: the step's finite check (``reduce_loss``) and a rule's min-max normalisation or tilt of the
+    same losses share the conversion and the reduction (two kernels, not four). Recomputed when the tensor was
+    modified in place since."""
+    if _RANGE and _RANGE[0] is losses and _RANGE[1] == losses._version:
+        return _RANGE[2], _RANGE[3], _RANGE[4]
+    x = losses.double()
+    lo, hi = x.aminmax()
+    _RANGE[:] = [losses, losses._version, x, lo, hi]
+    return x, lo, hi
+
+
+def _minmax_tensors(losses: Tensor, x: Tensor, lo_t: Tensor, hi_t: Tensor, delta: float, eps: float) -> Tensor:
+    """``minmax_normalize`` with 0-d tensors for the range (no host read): ``x`` is ``losses`` in float64 and
+    ``lo_t``/``hi_t`` its min and max. ``δ/range`` is the reciprocal times δ, as ``delta / t`` computes it; times
+    2 is exact, so ``2δ/range`` takes one op from the same reciprocal (and ``δ = 1`` none)."""
+    inverse = (hi_t - lo_t).clamp_min(eps).reciprocal()
+    scale_t = inverse if delta == 1.0 else inverse * delta
+    return (x * (inverse * (2.0 * delta)) - (hi_t + lo_t) * scale_t).to(losses.dtype)
 
 
 def linupper_score(x: Tensor, delta: float = 1.0) -> Tensor:
@@ -159,7 +181,7 @@ def kl_dro_weights(
 
 def _tilt(losses: Tensor, r: float, direction: Direction) -> Tensor:
     """``±ℓ/r`` in float64 (no overflow for huge finite losses)."""
-    z = losses.double() / r
+    z = (losses.double() if losses.device.type == "cpu" else double_range(losses)[0]) / r
     return z if direction == "up" else -z
 
 

@@ -122,6 +122,74 @@ class Repeats:
         return val.index_copy(0, positions, mean)
 
 
+#: device batches up to this many rows find repeated indices with one ``(B, B)`` comparison and merge them with one
+#: float64 matrix product (8 MB at 1024 rows); larger batches sort
+PAIR_MERGE_ROWS = 1024
+
+
+class BatchIndex:
+    """What one step knows about its index, shared by the table updates of the step (a device table's merge).
+
+    ``unique`` is ``True`` when the step read back (with its checks, ``sync_checks=True``) that no index repeats:
+    the update then writes the values directly. Otherwise repeats are merged with fixed-shape ops: the pair
+    matrix ``index[:, None] == index[None, :]`` (batches up to ``PAIR_MERGE_ROWS``) or a stable sort, made once
+    per step for every table.
+
+    Args:
+        index: the ``(B,)`` int64 index this describes (an update of another index ignores the hints).
+    """
+
+    def __init__(self, index: Tensor | None = None) -> None:
+        self.index = index
+        self.unique: bool | None = None
+        self._pairs: Tensor | None = None
+        self._pairs64: Tensor | None = None
+        self._sorted: tuple[Tensor, Tensor] | None = None
+
+    def release(self) -> None:
+        """Drop the pair matrix and the sort (the step is committed; ``unique`` stays)."""
+        self._pairs = self._pairs64 = self._sorted = None
+
+    def describes(self, index: Tensor) -> bool:
+        return self.index is index
+
+    def pairs(self, index: Tensor) -> Tensor:
+        """``(B, B)`` bool: ``index[i] == index[j]``."""
+        if self._pairs is None or not self.describes(index):
+            pairs = index[:, None] == index[None, :]
+            if not self.describes(index):
+                return pairs
+            self._pairs = pairs
+        return self._pairs
+
+    def pairs64(self, index: Tensor) -> Tensor:
+        """``pairs(index)`` as float64 0/1 (the merges' matrix products: group sums and counts, exact for a
+        sample seen once)."""
+        if self.describes(index) and self._pairs64 is not None:
+            return self._pairs64
+        pairs = self.pairs(index).double()
+        if self.describes(index):
+            self._pairs64 = pairs
+        return pairs
+
+    def sorted(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``torch.sort(index, stable=True)``."""
+        if self._sorted is None or not self.describes(index):
+            found = torch.sort(index, stable=True)
+            if not self.describes(index):
+                return found
+            self._sorted = found
+        return self._sorted
+
+    def is_unique(self, index: Tensor) -> Tensor:
+        """0-d bool on the index's device: no index repeats (three kernels; the pair matrix or the sort is kept
+        for the merge)."""
+        if index.numel() <= PAIR_MERGE_ROWS:
+            return self.pairs(index).sum() == index.numel()
+        keys = self.sorted(index)[0]
+        return (keys[1:] != keys[:-1]).all()
+
+
 # Use the compiled numba kernel (``state._kernels.table_update``) for CPU updates when numba is importable; False
 # forces the numpy/torch path (the same tables and ``Repeats``, bit for bit).
 USE_NUMBA = True
@@ -328,21 +396,28 @@ class SampleStateTable:
                 )
         return index
 
-    def update(self, index: Tensor, check: bool = True, **values: Tensor) -> Repeats | None:
+    def update(self, index: Tensor, check: bool = True, index_info: BatchIndex | None = None,
+               **values: Tensor) -> Repeats | None:
         """Vectorised update of the rows ``index`` (``count`` always advances; other columns as given).
 
         Args:
             index: ``(B,)`` dataset indices (duplicates allowed).
             check: validate the index range first (``reduce_loss`` checks it once per step and passes
                 ``False``; an unchecked out-of-range index raises inside the scatter or, on a GPU, asserts).
+            index_info: what the step knows about ``index`` (``GlobalBatch.index_info``): a device table skips
+                the duplicate merge when it is known that no index repeats, and shares the merge's pair matrix
+                or sort with the step's other updates. Ignored unless it describes this very ``index`` tensor.
             **values: ``(B,)`` values per column.
 
         Returns:
             On the CPU, where the batch's indices repeat (``Repeats``, for another per-row write of the same
             batch); ``None`` for a table on a GPU (the fixed-shape merge) or an empty batch.
         """
+        info = index_info if index_info is not None and index_info.describes(index) else None
         if check:
             index = self.check_index(index)
+        elif info is not None and index.dim() == 1 and index.dtype == torch.int64 and index.device == self.device:
+            pass  # the step's own index: the hints' pair matrix / sort refer to this tensor
         else:
             index = index.reshape(-1).to(self.device, torch.int64)
         b = index.numel()
@@ -363,51 +438,109 @@ class SampleStateTable:
             repeats = self._count_repeats(index, ix)
             self._write_cpu(index, ix, values, repeats)
             return repeats
-        # fixed-shape duplicate merge (no torch.unique: its output size would need a host sync on a GPU). On a
-        # GPU every op is a kernel launch, so the "last" and "ema" columns share one sort, one float64 prefix
-        # sum and one mean: a fixed number of launches per step, plus a few per column
+        self._update_fixed_shape(index, values, info if info is not None and info.describes(index) else None)
+        return None
+
+    def _ones(self, b: int, dtype: torch.dtype) -> Tensor:
+        """A cached ``ones(b)`` on the table's device (a count's increments, the merge's occurrence column)."""
+        cache = self.__dict__.setdefault("_ones_cache", {})
+        ones = cache.get((b, dtype))
+        if ones is None or ones.device != self.device:
+            ones = cache[(b, dtype)] = torch.ones(b, dtype=dtype, device=self.device)
+        return ones
+
+    def _update_fixed_shape(self, index: Tensor, values: dict[str, Tensor], info: BatchIndex | None) -> None:
+        """The device update: fixed-shape ops only (no host synchronisation), a fixed number of kernel launches.
+
+        Repeated indices of ``last``/``ema`` columns take the mean of their values (float64 sums); a sample seen
+        once keeps its value exactly. When the step read back that no index repeats (``info.unique``) the values
+        are written directly; otherwise the means come from one float64 product with the ``(B, B)`` pair matrix
+        (``PAIR_MERGE_ROWS``) or from a stable sort and prefix sums, for every such column at once. EMA columns
+        step with ``torch.lerp`` (as the CPU path). Values fed to several columns of one dtype convert once."""
+        b = index.numel()
+        converted: dict[tuple[int, torch.dtype], Tensor] = {}
+
+        def as_column(name: str) -> Tensor:
+            val, col = values[name], self.columns[name]
+            key = (id(val), col.dtype)
+            found = converted.get(key)
+            if found is None:
+                found = converted[key] = _as_column(val, col, self.device).to(col.dtype)
+            return found
+
         merged = [name for name in values if self.specs[name].kind in ("last", "ema")]
-        for name, val in values.items():
+        for name in values:
             spec, col = self.specs[name], self.columns[name]
             if spec.kind == "sum":
-                col.index_add_(0, index, _as_column(val, col, self.device).to(col.dtype))
+                col.index_add_(0, index, as_column(name))
             elif spec.kind == "max":
-                col.scatter_reduce_(0, index, _as_column(val, col, self.device).to(col.dtype), "amax",
-                                  include_self=True)
-        if merged:
-            sorted_index, perm = torch.sort(index)
-            left = torch.searchsorted(sorted_index, sorted_index)
-            right = torch.searchsorted(sorted_index, sorted_index, right=True)
-            occurrences = right - left  # per sorted position: how often its sample occurs in the batch
-            # (B, k): each column's values rounded to its dtype first, then summed in float64 (a tensor given
-            # for several columns of one dtype, e.g. the loss and its EMA, is converted once)
-            converted: dict[tuple[int, torch.dtype], Tensor] = {}
-            parts = []
-            for name in merged:
-                val, col = values[name], self.columns[name]
-                key = (id(val), col.dtype)
-                if key not in converted:
-                    converted[key] = _as_column(val, col, self.device).double()
-                parts.append(converted[key])
-            vs = torch.stack(parts, 1)[perm]
-            csum = torch.cat([vs.new_zeros(1, len(merged)), torch.cumsum(vs, 0)])
-            # a sample seen once keeps its value exactly; duplicates take their mean
-            means = torch.where((occurrences == 1).unsqueeze(1), vs,
-                                (csum[right] - csum[left]) / occurrences.unsqueeze(1))
-            for j, name in enumerate(merged):
-                spec, col = self.specs[name], self.columns[name]
-                mean = means[:, j].to(_value_dtype(col)).to(col.dtype)
-                if spec.kind == "last":
-                    col.index_put_((sorted_index,), mean)
-                else:  # ema; NaN (never seen) entries take the first value
-                    old = col[sorted_index]
-                    new = spec.decay * old + (1 - spec.decay) * mean
-                    col.index_put_((sorted_index,), torch.where(torch.isnan(old), mean, new))
+                col.scatter_reduce_(0, index, as_column(name), "amax", include_self=True)
+        targets, rows = {}, index
+        if merged and info is not None and info.unique:
+            targets = {name: as_column(name) for name in merged}
+        elif merged:
+            targets, rows = self._merge_repeats(index, merged, values, info)
+        for name in merged:
+            spec, col, mean = self.specs[name], self.columns[name], targets[name]
+            if spec.kind == "last":
+                col.index_put_((rows,), mean)
+            else:  # ema; NaN (never seen) entries take the first value
+                old = col[rows]
+                col.index_put_((rows,), torch.where(torch.isnan(old), mean, torch.lerp(old, mean, 1 - spec.decay)))
         for name, spec in self.specs.items():
             if spec.kind == "count":
                 col = self.columns[name]
-                col.index_add_(0, index, torch.ones(b, dtype=col.dtype, device=col.device))
-        return None
+                col.index_add_(0, index, self._ones(b, col.dtype))
+
+    def _merge_repeats(self, index: Tensor, merged: list[str], values: dict[str, Tensor],
+                       info: BatchIndex | None) -> tuple[dict[str, Tensor], Tensor]:
+        """The values of the ``merged`` columns with every repeated sample's entries replaced by their mean, and
+        the rows to write them at. Each column's values are rounded to its dtype first, then summed in float64 (a
+        tensor given for several columns of one dtype is converted once)."""
+        b = index.numel()
+        info = info if info is not None else BatchIndex(index)
+        sources: dict[tuple[int, torch.dtype], int] = {}
+        parts: list[Tensor] = []
+        for name in merged:
+            val, col = values[name], self.columns[name]
+            key = (id(val), col.dtype)
+            if key not in sources:
+                sources[key] = len(parts)
+                parts.append(_as_column(val, col, self.device))
+        k = len(parts)
+        same_dtype = len({p.dtype for p in parts}) == 1
+        if b <= PAIR_MERGE_ROWS:
+            # (B, B) 0/1 matrix times [values | 1]: the sums of each sample's values and its occurrences. A sample
+            # seen once sums its own value and zeros, exactly
+            ones = self._ones(b, parts[0].dtype if same_dtype else torch.float64)
+            if same_dtype:
+                stacked = torch.stack([*parts, ones], 1).double()
+            else:
+                stacked = torch.stack([p.double() for p in parts] + [ones], 1)
+            sums = info.pairs64(index) @ stacked
+            means, rows = sums[:, :k] / sums[:, k:], index
+        else:
+            rows, perm = info.sorted(index)
+            left = torch.searchsorted(rows, rows)
+            right = torch.searchsorted(rows, rows, right=True)
+            occurrences = (right - left).unsqueeze(1)  # per sorted position: how often its sample occurs
+            vs = (torch.stack(parts, 1).double() if same_dtype else torch.stack([p.double() for p in parts], 1))[perm]
+            csum = torch.nn.functional.pad(torch.cumsum(vs, 0), (0, 0, 1, 0))
+            # a sample seen once keeps its value exactly; duplicates take their mean
+            means = torch.where(occurrences == 1, vs, (csum[right] - csum[left]) / occurrences)
+        out: dict[str, Tensor] = {}
+        rounded: dict[torch.dtype, Tensor] = {}
+        for name in merged:
+            col = self.columns[name]
+            j = sources[(id(values[name]), col.dtype)]
+            if same_dtype:  # one conversion of every merged column
+                whole = rounded.get(col.dtype)
+                if whole is None:
+                    whole = rounded[col.dtype] = means.to(_value_dtype(col)).to(col.dtype)
+                out[name] = whole[:, j]
+            else:
+                out[name] = means[:, j].to(_value_dtype(col)).to(col.dtype)
+        return out, rows
 
     def _update_compiled(self, ix: np.ndarray, values: dict[str, Tensor]) -> Repeats | None:
         """CPU path in one compiled call (``state._kernels.table_update``): the merges of ``_count_repeats`` and
