@@ -172,10 +172,14 @@ class SamplingDataModule(pl.LightningDataModule):
         sampler: a registered sampler name (``sampler_names()``): ``weighted``, ``rs2``, ``temperature``, ``none``.
         sampler_kwargs: keyword arguments of that sampler (see the module docstring).
         seed: sampler seed, shared by all ranks.
-        batch_size, num_workers: for a plain ``Dataset`` (required ``batch_size``); with a DataModule they
+        batch_size: for a plain ``Dataset`` (required ``batch_size``); with a DataModule they
             override the wrapped train loader's values when given.
-        groups, targets: per-sample group ids / labels for the ``IndexedDataset`` wrapper (when the data set
-            is not one already and does not expose ``targets``).
+        num_workers: for a plain ``Dataset`` (required ``batch_size``); with a DataModule they
+            override the wrapped train loader's values when given.
+        groups: per-sample group ids for the ``IndexedDataset`` wrapper (when the data set is not one
+            already); the ``group_balanced`` weights and the ``temperature`` sampler by group read them.
+        targets: per-sample class labels for the ``IndexedDataset`` wrapper (when the data set is not one
+            already and exposes no ``targets``); ``class_balanced`` weights read them.
         add_sampler_state: add ``SamplerState()`` to the Trainer's callbacks if it has none.
     """
 
