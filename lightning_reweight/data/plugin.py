@@ -73,9 +73,12 @@ def create_sampler(name: str, dataset: IndexedDataset, seed: int = 0, **kwargs: 
 def _labels(dataset: IndexedDataset, kind: str) -> Tensor:
     values = dataset.targets if kind == "target" else dataset.groups
     if values is None:
-        where = ("pass `targets=` to IndexedDataset or expose `.targets` on the data set" if kind == "target"
-                 else "pass `groups=` to IndexedDataset")
-        raise ValueError(f"Expected the train data set to carry per-sample {kind}s for this sampler; {where}.")
+        arg = "targets" if kind == "target" else "groups"
+        where = f"pass `{arg}=` to SamplingDataModule (or to IndexedDataset when you build it)"
+        if kind == "target":
+            where += ", or expose `.targets` on the data set"
+        raise ValueError(f"Expected the train data set to carry per-sample {kind}s for this sampler, but it has none; "
+                         f"{where}.")
     return values
 
 
