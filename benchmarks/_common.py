@@ -88,9 +88,22 @@ def write_json(path: Path | None, figures: dict[str, float], **extra: Any) -> No
     print(f"wrote {path}")
 
 
-def save_plot(fig: Any, out: Path, name: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.png"
+def plot_path(out: Path, name: str, quick: bool) -> Path:
+    """Where a plot goes: ``OUT/NAME.png``, or ``OUT/NAME_quick.png`` for a ``--quick`` run, so a smoke run never
+    overwrites the plot of a full run."""
+    return Path(out) / f"{name}{'_quick' if quick else ''}.png"
+
+
+def legend_outside(ax: Any, **kwargs: Any) -> Any:
+    """A legend to the right of the axes, so it never covers bars or curves (``save_plot`` keeps it in the file)."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, **kwargs)
+
+
+def save_plot(fig: Any, out: Path, name: str, *, quick: bool) -> Path:
+    """Save ``fig`` as ``plot_path(out, name, quick)``. Every plot has a title and units on its axes; scores are
+    in %."""
+    path = plot_path(out, name, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
     return path

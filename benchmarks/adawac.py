@@ -33,7 +33,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import fmt_pm, mean_std, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    fmt_pm,
+    legend_outside,
+    mean_std,
+    parser,
+    print_table,
+    save_plot,
+    setup_threads,
+    write_json,
+)  # noqa: E402
 
 DATASETS = {"isbi2012": "ISBI2012DataModule", "ph2": "PH2DataModule"}
 
@@ -78,7 +87,7 @@ def run_one(dataset: str, method: str, seed: int, args) -> dict:
     return row
 
 
-def plot(rows: list[dict], datasets: list[str], out: Path) -> None:
+def plot(rows: list[dict], datasets: list[str], out: Path, quick: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,12 +98,14 @@ def plot(rows: list[dict], datasets: list[str], out: Path) -> None:
         for j, method in enumerate(("erm", "adawac")):
             sel = [r for r in rows if r["dataset"] == ds and r["method"] == method]
             stats = [mean_std([r[k] for r in sel]) for k in ("dice", "dice_dense", "dice_sparse")]
-            ax.bar([i + 0.38 * j for i in range(3)], [m for m, _ in stats], 0.38, yerr=[s for _, s in stats],
+            ax.bar([i + 0.38 * j for i in range(3)], [100 * m for m, _ in stats], 0.38,
+                   yerr=[100 * s for _, s in stats],
                    capsize=3, label=method.upper() if method == "erm" else "AdaWAC")
         ax.set_xticks([i + 0.19 for i in range(3)], ["all", "label-dense", "label-sparse"])
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{ds}: test Dice (mean ± std over seeds)")
-        ax.legend()
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test Dice (%)")
+        ax.set_title(f"{ds}: test Dice, mean ± std over seeds")
+        legend_outside(ax)
     ax = axes[-1]
     for ds in datasets:
         sel = [r for r in rows if r["dataset"] == ds and r["method"] == "adawac"]
@@ -103,10 +114,12 @@ def plot(rows: list[dict], datasets: list[str], out: Path) -> None:
         dense, sparse = sel[0]["betas"]
         ax.hist(dense, bins=20, range=(0, 1), alpha=0.5, label=f"{ds} dense")
         ax.hist(sparse, bins=20, range=(0, 1), alpha=0.5, label=f"{ds} sparse")
-    ax.set_xlabel("β_sup at the end of training (seed 0)")
+    ax.set_xlabel("β_sup at the end of training (seed 0; weight, 0 to 1)")
+    ax.set_ylabel("training windows (count)")
     ax.set_title("AdaWAC weight of the supervised loss")
-    ax.legend()
-    save_plot(fig, out, "adawac_dice")
+    legend_outside(ax)
+    fig.tight_layout()
+    save_plot(fig, out, "adawac_dice", quick=quick)
 
 
 def main() -> None:
@@ -157,7 +170,7 @@ def main() -> None:
     title = (f"ERM vs AdaWAC, test Dice, {args.seeds} seed(s), {args.steps} steps, sparse fraction "
              f"{args.sparse_fraction:.0%} (headline figures = mean over {', '.join(args.datasets)})")
     text = print_table(table, title)
-    plot(rows, args.datasets, args.out)
+    plot(rows, args.datasets, args.out, args.quick)
     write_json(args.json, figures, table=table, text=text,
                rows=[{k: v for k, v in r.items() if k != "betas"} for r in rows],
                config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})

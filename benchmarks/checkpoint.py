@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from _common import legend_outside, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
 
 
 def _vm(key: str) -> int:
@@ -169,11 +169,14 @@ def main() -> None:
             axes[0].loglog(ns, [r["save_s"] for r in rs], style, label=f"save ({mode})")
             axes[0].loglog(ns, [r["load_s"] for r in rs], style, alpha=0.5, label=f"load ({mode})")
             axes[1].semilogx(ns, [max(r["save_extra"], r["load_extra"]) / 2**30 for r in rs], style, label=mode)
-        axes[0].set(xlabel="N", ylabel="seconds")
-        axes[1].set(xlabel="N", ylabel="peak extra GiB")
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
-        save_plot(fig, args.out, "checkpoint")
+        axes[0].set(xlabel="N (samples in the table)", ylabel="time (s, log scale)",
+                    title="Checkpoint save and load time")
+        axes[1].set(xlabel="N (samples in the table)", ylabel="peak extra memory (GiB)",
+                    title="Peak memory above what the phase holds")
+        legend_outside(axes[0])
+        legend_outside(axes[1])
+        fig.tight_layout()
+        save_plot(fig, args.out, "checkpoint", quick=args.quick)
     except ImportError:
         print("matplotlib not installed: no plot")
 

@@ -34,7 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import fmt_pm, mean_std, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    fmt_pm,
+    legend_outside,
+    mean_std,
+    parser,
+    print_table,
+    save_plot,
+    setup_threads,
+    write_json,
+)  # noqa: E402
 
 ADULT_METHODS = ("erm", "groupdro", "febs")
 PH2_METHODS = ("erm", "febs")
@@ -212,11 +221,11 @@ def _plot(results: dict, args) -> None:
         ax.set_xticklabels([k.replace("_", "\n") for k in keys])
         lo = min(100 * mean_std([r[k] for r in results[(data, m)]])[0] for m in methods for k in keys)
         ax.set_ylim(max(0, lo - 10), 100)
-        ax.set_title("adult/" + data if data != "ph2" else "PH2 (diagnosis groups)")
-        ax.set_ylabel("%")
-        ax.legend(fontsize=8)
+        ax.set_title(("Adult, groups: " + data if data != "ph2" else "PH2, diagnosis groups") + " (mean ± std)")
+        ax.set_ylabel("test score (%)")
+        legend_outside(ax)
     fig.tight_layout()
-    save_plot(fig, args.out, "group_fairness")
+    save_plot(fig, args.out, "group_fairness", quick=args.quick)
 
 
 if __name__ == "__main__":

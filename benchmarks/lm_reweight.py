@@ -37,7 +37,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import mean_std, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    legend_outside,
+    mean_std,
+    parser,
+    print_table,
+    save_plot,
+    setup_threads,
+    write_json,
+)  # noqa: E402
 
 RULES = ["uniform", "linupper", "quadratic", "extremes"]
 SETTINGS = {"clean": 0.0, "noisy": 0.2}
@@ -183,9 +191,11 @@ def main() -> None:
             ax.set_title(f"{setting} training ({int(SETTINGS[setting] * 100)} % noise sequences)")
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("clean validation bits per character")
-        axes[0].legend()
-        save_plot(fig, args.out, "lm_reweight" + ("_quick" if args.quick else ""))
+        axes[0].set_ylabel("clean validation loss (bits per character)")
+        legend_outside(axes[1])
+        fig.suptitle("Character LM: validation bits per character by weighting rule (mean over seeds)")
+        fig.tight_layout()
+        save_plot(fig, args.out, "lm_reweight", quick=args.quick)
     except ImportError:  # pragma: no cover
         print("matplotlib missing: no plot")
     write_json(args.json, figures, table=table, runs=[{k: v for k, v in r.items()} for r in rows],

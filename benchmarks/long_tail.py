@@ -55,7 +55,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cifar_lt import load_cifar10_lt, lt_counts  # noqa: E402
-from _common import fmt_pm, mean_std, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    fmt_pm,
+    legend_outside,
+    mean_std,
+    parser,
+    print_table,
+    save_plot,
+    setup_threads,
+    write_json,
+)
 
 METHODS = ("erm", "class_balanced", "temperature", "cooldown", "upweight", "importance")
 TAIL = (7, 8, 9)
@@ -254,23 +263,24 @@ def plot(args, results, curves, target):
     xs = range(len(METHODS))
     for offset, (key, label) in zip((-0.2, 0.2), (("balanced", "balanced acc"), ("tail", "tail acc (3 smallest)"))):
         stats = [mean_std([r[key] for r in results[m]]) for m in METHODS]
-        axes[0].bar([x + offset for x in xs], [s[0] for s in stats], width=0.4, yerr=[s[1] for s in stats],
+        axes[0].bar([x + offset for x in xs], [100 * s[0] for s in stats], width=0.4, yerr=[100 * s[1] for s in stats],
                     label=label, capsize=3)
     axes[0].set_xticks(list(xs), METHODS, rotation=20)
-    axes[0].set_ylabel("test accuracy")
+    axes[0].set_ylabel("test accuracy (%)")
     axes[0].set_title(f"CIFAR-10-LT ρ=100, {args.epochs} epochs, mean ± std over {args.seeds} seed(s)")
-    axes[0].legend()
+    legend_outside(axes[0])
     for key, runs in curves.items():
         for i, pts in enumerate(runs):
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=".", alpha=0.8,
+            axes[1].plot([p[0] for p in pts], [100 * p[2] for p in pts], marker=".", alpha=0.8,
                          color={"full": "C0", "rs2_r0.1": "C1", "rs2_r0.3": "C2"}.get(key, "C3"),
                          label=key if i == 0 else None)
-    axes[1].axhline(target, color="gray", ls="--", label="target")
-    axes[1].set_xlabel("training wall time [s] (evaluation excluded)")
-    axes[1].set_ylabel("balanced acc (2k test subset)")
+    axes[1].axhline(100 * target, color="gray", ls="--", label="target")
+    axes[1].set_xlabel("training wall time (s, evaluation excluded)")
+    axes[1].set_ylabel("balanced accuracy, 2k test subset (%)")
     axes[1].set_title("RS2 vs full data: time to accuracy")
-    axes[1].legend()
-    save_plot(fig, args.out, "long_tail")
+    legend_outside(axes[1])
+    fig.tight_layout()
+    save_plot(fig, args.out, "long_tail", quick=args.quick)
 
 
 def main() -> None:

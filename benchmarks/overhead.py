@@ -12,7 +12,7 @@ the per-step table update at growing N to show it does not grow with the data se
 ``--accelerator gpu`` (what ``benchmarks/gpu_check.sh`` passes) runs the same on one CUDA GPU: the step timer
 synchronises the device at the start and end of each step, the per-sample table lives on the GPU (the device
 path) and the ``reduce_loss`` and table-update probes time CUDA tensors. ``--no-sync-checks`` passes
-``sync_checks=False``, so the callback reads nothing back to the host per step (see README, "On a GPU").
+``sync_checks=False``, so the callback reads nothing back to the host per step (see docs/getting-started.md, "On a GPU").
 
 JSON figures: ``overhead_ratio`` (reweighted / plain median step time), ``reduce_loss_ms`` (the contract
 path's own cost per call), ``implied_overhead_ratio`` (1 + that / plain step), ``table_update_ms_1e7``.
@@ -169,8 +169,8 @@ def main() -> None:
         ax.boxplot([[t * 1e3 for t in plain], [t * 1e3 for t in reweighted]], showfliers=False)
         ax.set_xticks([1, 2], ["plain", "LossReweighting"])
         ax.set_ylabel("step time (ms)")
-        ax.set_title(f"overhead ratio {ratio:.3f}")
-        save_plot(fig, args.out, "overhead")
+        ax.set_title(f"Training step time, plain mean vs LossReweighting (ratio {ratio:.3f})", fontsize=9)
+        save_plot(fig, args.out, "overhead", quick=args.quick)
     except ImportError:
         print("matplotlib not installed: no plot")
 

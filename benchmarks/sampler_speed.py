@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from _common import legend_outside, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
 
 _START = time.perf_counter()
 
@@ -257,10 +257,10 @@ def main() -> None:
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
         ax.axvline(2**24, color="gray", linestyle=":", label="2^24 (torch limit)")
-        ax.set(xscale="log", yscale="log", xlabel="N (draws = weights)", ylabel="seconds per epoch (median)",
+        ax.set(xscale="log", yscale="log", xlabel="N (draws = weights)", ylabel="time per epoch (s, median, log scale)",
                title="Weighted draws with replacement, 1 thread")
-        ax.legend(fontsize=8)
-        save_plot(fig, args.out, "sampler_speed")
+        legend_outside(ax)
+        save_plot(fig, args.out, "sampler_speed", quick=args.quick)
     except ImportError:
         print("matplotlib missing: no plot")
 

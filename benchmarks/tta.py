@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import (  # noqa: E402
     Progress,
     fmt_pm,
+    legend_outside,
     mean_std,
     parser,
     print_table,
@@ -306,18 +307,19 @@ def plot(rows, args, figures):
             stds.append(100 * np.std(vals, ddof=1) if len(vals) > 1 else 0)
         ax.bar(xs + (k - 1.5) * width, means, width, yerr=stds, label=method, capsize=2)
     ax.set_xticks(xs, [*args.corruptions, "mean"], rotation=20)
-    ax.set_ylabel("error % (severity 5, reset per shift)")
-    ax.legend()
+    ax.set_ylabel("test error (%)")
+    ax.set_title("CIFAR-10-C, severity 5, reset per shift: error by corruption (mean ± std over seeds)")
+    legend_outside(ax)
     ax = axes[1]
     labels = ["source", "norm", "tent", "eata"]
     vals = [figures["clean_error_source"], figures["clean_error_norm"], figures["clean_error_after_tent"],
             figures["clean_error_after_eata"]]
     ax.bar(labels, [100 * v for v in vals], color=["C0", "C1", "C2", "C3"])
-    ax.set_ylabel("clean error % after continual adaptation")
-    ax.set_title(f"backward samples: tent {figures['backward_tent']:.0f}, eata {figures['backward_eata']:.0f}",
-                 fontsize=9)
+    ax.set_ylabel("clean test error after continual adaptation (%)")
+    ax.set_title(f"Forgetting (backward samples: Tent {figures['backward_tent']:.0f}, "
+                 f"EATA {figures['backward_eata']:.0f})", fontsize=9)
     fig.tight_layout()
-    return save_plot(fig, args.out, "tta")
+    return save_plot(fig, args.out, "tta", quick=args.quick)
 
 
 def main() -> None:

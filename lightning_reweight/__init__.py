@@ -22,7 +22,7 @@ from lightning_reweight.samplers import RS2Sampler, WeightedSampler
 from lightning_reweight.sequence import sequence_losses
 from lightning_reweight.state import SampleStateTable, StreamKeys
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "AdaWAC",

@@ -57,9 +57,15 @@ class AdaWAC(WeightingCallback):
         consistency_key: name of the ``reduce_loss`` extra holding the per-sample consistency loss.
         sparse_key: name of the optional extra flagging label-sparse samples (logging only).
         num_samples: training set size N (inferred from the train dataloader if ``None``).
-        ema_decay, log_every_n_steps, log_histogram, name: see ``WeightingCallback``.
-        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (``device_ready``: the
-            table follows the module onto a GPU and a step issues no host sync with ``sync_checks=False``).
+        ema_decay: see ``WeightingCallback``.
+        log_every_n_steps: see ``WeightingCallback``.
+        log_histogram: see ``WeightingCallback``.
+        name: see ``WeightingCallback``.
+        fresh_table: keyword-only; start the per-sample table fresh on resume (see ``WeightingCallback``).
+        device: keyword-only; where the state lives: ``"auto"`` (follows the module), ``"cpu"`` or a device
+            (see ``WeightingCallback``).
+        sync_checks: keyword-only; read the step's checks back to the host every step (``True``) or defer them
+            (``False``: no host sync per step on a GPU; see ``WeightingCallback``).
 
     Raises:
         ValueError: a negative or non-finite ``eta``; at run time a missing or mis-shaped consistency loss.

@@ -80,15 +80,23 @@ class GroupBalancing(WeightingCallback):
         mode: ``"upsample"`` (temperature sampling) or ``"upweight"`` (scalarization).
         tau: constant temperature (``schedule="constant"``); default ∞ = class/group-balanced.
         schedule: ``"constant"`` or ``"cooldown"``.
-        tau_start, tau_end, switch_fraction, shape: Cooldown (paper: 5, 1, 0.5, ``"step"``).
+        tau_start: Cooldown: τ before the switch (paper: 5).
+        tau_end: Cooldown: τ after the switch (paper: 1).
+        switch_fraction: Cooldown: fraction of training at which τ switches (paper: 0.5).
+        shape: Cooldown: how τ moves from ``tau_start`` to ``tau_end`` (paper: ``"step"``).
         unit: progress in ``"epoch"`` or ``"step"``.
         by: balance over ``"group"`` ids, class ``"target"`` s, or ``"auto"``.
         num_samples: draws per epoch in upsample mode (default N).
         replacement: upsample with replacement (default) or without (then ``num_samples`` ≤ N nonzero items).
         seed: sampler seed (shared by all ranks).
-        log_every_n_steps, log_histogram, name: as in ``WeightingCallback``.
-        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
-            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
+        log_every_n_steps: as in ``WeightingCallback``.
+        log_histogram: as in ``WeightingCallback``.
+        name: as in ``WeightingCallback``.
+        fresh_table: keyword-only; start the per-sample table fresh on resume (see ``WeightingCallback``).
+        device: keyword-only; where the state lives: ``"auto"`` (follows the module), ``"cpu"`` or a device
+            (see ``WeightingCallback``).
+        sync_checks: keyword-only; read the step's checks back to the host every step (``True``) or defer them
+            (``False``: no host sync per step on a GPU; see ``WeightingCallback``).
 
     Example::
 

@@ -61,8 +61,11 @@ class FairErrorBoundScaling(GroupCallback):
         ignore_index: group id of unknown samples.
         min_scale: floor of ``w_g`` before inverting (keeps multipliers finite).
         log_every_n_steps: how often ``febs/error/group_g``, ``febs/scale/group_g`` and weight stats are logged.
-        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
-            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
+        fresh_table: keyword-only; start the per-sample table fresh on resume (see ``WeightingCallback``).
+        device: keyword-only; where the state lives: ``"auto"`` (follows the module), ``"cpu"`` or a device
+            (see ``WeightingCallback``).
+        sync_checks: keyword-only; read the step's checks back to the host every step (``True``) or defer them
+            (``False``: no host sync per step on a GPU; see ``WeightingCallback``).
 
     Example::
 

@@ -55,8 +55,11 @@ class GroupDRO(GroupCallback):
         group_counts: training-set count per group for the adjustment (inferred from the data set if ``None``).
         ignore_index: group id of samples outside every group.
         log_every_n_steps: how often ``group_dro/q/group_g``, ``group_dro/loss/group_g`` and weight stats are logged.
-        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
-            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
+        fresh_table: keyword-only; start the per-sample table fresh on resume (see ``WeightingCallback``).
+        device: keyword-only; where the state lives: ``"auto"`` (follows the module), ``"cpu"`` or a device
+            (see ``WeightingCallback``).
+        sync_checks: keyword-only; read the step's checks back to the host every step (``True``) or defer them
+            (``False``: no host sync per step on a GPU; see ``WeightingCallback``).
 
     Example::
 

@@ -78,9 +78,14 @@ class ImportanceSampling(WeightingCallback):
         replacement: draw with replacement (PA&DA) or without (the unbiasing weights then still use ``p_i``, an
             approximation of the without-replacement inclusion probabilities).
         seed: sampler seed (shared by all ranks).
-        log_every_n_steps, log_histogram, name: as in ``WeightingCallback``.
-        fresh_table, device, sync_checks (keyword-only): see ``WeightingCallback`` (where the state lives, and
-            whether a step reads its checks back to the host; ``fresh_table`` only matters with a table).
+        log_every_n_steps: as in ``WeightingCallback``.
+        log_histogram: as in ``WeightingCallback``.
+        name: as in ``WeightingCallback``.
+        fresh_table: keyword-only; start the per-sample table fresh on resume (see ``WeightingCallback``).
+        device: keyword-only; where the state lives: ``"auto"`` (follows the module), ``"cpu"`` or a device
+            (see ``WeightingCallback``).
+        sync_checks: keyword-only; read the step's checks back to the host every step (``True``) or defer them
+            (``False``: no host sync per step on a GPU; see ``WeightingCallback``).
 
     Example::
 

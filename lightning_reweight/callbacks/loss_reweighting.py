@@ -123,7 +123,12 @@ class LossReweighting(WeightingCallback):
             ``sequence_losses(..., return_counts=True)``) take no part in the rule's statistics (min-max,
             softmax, normaliser, warm-up) and get weight 0; the other rows get exactly the weights they would get
             without them. Without the extra every row counts.
-        **kwargs: ``WeightingCallback`` options (``num_samples``, ``track_samples``, ``log_every_n_steps``, ...).
+        num_samples: as in ``WeightingCallback``.
+        track_samples: as in ``WeightingCallback`` (``False``: no per-sample table, the streaming mode).
+        ema_decay: as in ``WeightingCallback``.
+        log_every_n_steps: as in ``WeightingCallback``.
+        log_histogram: as in ``WeightingCallback``.
+        name: as in ``WeightingCallback``.
 
     Example::
 

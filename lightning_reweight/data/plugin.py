@@ -73,9 +73,12 @@ def create_sampler(name: str, dataset: IndexedDataset, seed: int = 0, **kwargs: 
 def _labels(dataset: IndexedDataset, kind: str) -> Tensor:
     values = dataset.targets if kind == "target" else dataset.groups
     if values is None:
-        where = ("pass `targets=` to IndexedDataset or expose `.targets` on the data set" if kind == "target"
-                 else "pass `groups=` to IndexedDataset")
-        raise ValueError(f"Expected the train data set to carry per-sample {kind}s for this sampler; {where}.")
+        arg = "targets" if kind == "target" else "groups"
+        where = f"pass `{arg}=` to SamplingDataModule (or to IndexedDataset when you build it)"
+        if kind == "target":
+            where += ", or expose `.targets` on the data set"
+        raise ValueError(f"Expected the train data set to carry per-sample {kind}s for this sampler, but it has none; "
+                         f"{where}.")
     return values
 
 
@@ -172,10 +175,14 @@ class SamplingDataModule(pl.LightningDataModule):
         sampler: a registered sampler name (``sampler_names()``): ``weighted``, ``rs2``, ``temperature``, ``none``.
         sampler_kwargs: keyword arguments of that sampler (see the module docstring).
         seed: sampler seed, shared by all ranks.
-        batch_size, num_workers: for a plain ``Dataset`` (required ``batch_size``); with a DataModule they
+        batch_size: for a plain ``Dataset`` (required ``batch_size``); with a DataModule they
             override the wrapped train loader's values when given.
-        groups, targets: per-sample group ids / labels for the ``IndexedDataset`` wrapper (when the data set
-            is not one already and does not expose ``targets``).
+        num_workers: for a plain ``Dataset`` (required ``batch_size``); with a DataModule they
+            override the wrapped train loader's values when given.
+        groups: per-sample group ids for the ``IndexedDataset`` wrapper (when the data set is not one
+            already); the ``group_balanced`` weights and the ``temperature`` sampler by group read them.
+        targets: per-sample class labels for the ``IndexedDataset`` wrapper (when the data set is not one
+            already and exposes no ``targets``); ``class_balanced`` weights read them.
         add_sampler_state: add ``SamplerState()`` to the Trainer's callbacks if it has none.
     """
 

@@ -119,12 +119,18 @@ class SMOTEDataModule(SamplingDataModule):
 
     Args:
         datamodule: the user's ``LightningDataModule`` (or a training ``Dataset`` with ``batch_size``).
-        sampling_strategy, k_neighbors, seed: SMOTE's (paper / imblearn defaults: "auto", 5).
+        sampling_strategy: SMOTE's target class counts (paper / imblearn default ``"auto"``).
+        k_neighbors: SMOTE's neighbours per synthetic sample (paper / imblearn default 5).
+        seed: SMOTE's random seed (identical on every rank).
         embed: optional ``Tensor -> Tensor`` feature extractor; SMOTE runs on (and the training set holds) its
             outputs (see the module docstring). ``None``: flattened inputs.
-        sampler, sampler_kwargs: an optional lightning_reweight sampler on top (default ``"none"``: keep the
+        sampler: an optional lightning_reweight sampler on top (default ``"none"``: keep the
             loader's shuffling).
-        batch_size, num_workers, add_sampler_state: as in ``SamplingDataModule``.
+        sampler_kwargs: an optional lightning_reweight sampler on top (default ``"none"``: keep the
+            loader's shuffling).
+        batch_size: as in ``SamplingDataModule``.
+        num_workers: as in ``SamplingDataModule``.
+        add_sampler_state: as in ``SamplingDataModule``.
     """
 
     def __init__(

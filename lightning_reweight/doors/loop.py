@@ -108,7 +108,8 @@ class Reweighter:
             mean and changes nothing. Without a model every call is a training step.
         loggers: Lightning or Fabric loggers that receive the weight scalars and histograms.
         train_dataloader: the training loader, for callbacks that read the data set (its size, its group ids).
-        max_steps, max_epochs: the run's length, for schedules (Cooldown) that need it.
+        max_steps: the run's length in optimizer steps, for schedules (Cooldown) that need it.
+        max_epochs: the run's length in epochs, for schedules (Cooldown) that need it.
         accumulate_grad_batches: ``reduce`` calls per optimizer step.
         allow_repeated_keys: accept the same key on two ranks in one step (a sampler that draws with
             replacement); otherwise such a step is refused, since it usually means every rank reads the same data.

@@ -44,7 +44,9 @@ class ImageClassifier(pl.LightningModule):
         in_chans: input channels.
         pretrained: load timm weights (needs the model hub; off by default).
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
-        lr, weight_decay, momentum: optimiser settings.
+        lr: learning rate.
+        weight_decay: weight decay.
+        momentum: SGD momentum.
         scheduler: ``"cosine"`` (per step over ``trainer.estimated_stepping_batches``, which counts the real
             steps, e.g. of an RS2 round) or ``"none"``.
         eta_min: final learning rate of the cosine schedule (RS2's paper: 1e-4).

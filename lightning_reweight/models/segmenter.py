@@ -198,7 +198,9 @@ class SegmentationModule(pl.LightningModule):
         consistency_weight: λ_AC, multiplies the feature consistency loss (paper 2.0).
         dice_loss: module called as ``dice_loss(logits, mask, group)`` → scalar (default ``SoftDiceLoss()``).
         optimizer: ``"sgd"`` (momentum, as the paper) or ``"adam"``.
-        lr, momentum, weight_decay: optimiser settings (paper: 0.01, 0.9, 1e-4, constant LR).
+        lr: learning rate, constant (paper: 0.01).
+        momentum: SGD momentum (paper: 0.9).
+        weight_decay: weight decay (paper: 1e-4).
         num_groups: number of groups for the per-group Dice metrics (PH2: 3).
         model_kwargs: extra ``smp.create_model`` arguments.
 

@@ -43,7 +43,8 @@ class TabularClassifier(pl.LightningModule):
         num_groups: groups for the metrics; read from ``trainer.datamodule.num_groups`` when ``None``.
         group_names: metric key names per group; from ``trainer.datamodule.group_names`` when ``None``.
         optimizer: ``"adamw"`` or ``"sgd"``.
-        lr, weight_decay: optimiser settings.
+        lr: learning rate.
+        weight_decay: weight decay.
     """
 
     def __init__(

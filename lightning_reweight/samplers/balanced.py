@@ -44,7 +44,10 @@ class TemperatureSampler(WeightedSampler):
         schedule: a ``TemperatureSchedule``, or its name ``"constant"`` (default) / ``"cooldown"`` built from the
             next arguments (so the DataModule plugin can configure it from YAML).
         tau: the constant temperature (``inf`` = class-balanced, 1 = proportional).
-        tau_start, tau_end, switch_fraction, shape: Cooldown parameters (paper: 5, 1, 0.5, ``"step"``).
+        tau_start: Cooldown: τ before the switch (paper: 5).
+        tau_end: Cooldown: τ after the switch (paper: 1).
+        switch_fraction: Cooldown: fraction of training at which τ switches (paper: 0.5).
+        shape: Cooldown: how τ moves from ``tau_start`` to ``tau_end`` (paper: ``"step"``).
         unit: ``"epoch"``: τ of epoch e is ``schedule(e / num_epochs)``, fixed within the epoch.
             ``"step"`` with ``batch_size`` and ``total_steps`` (what ``GroupBalancing`` passes): τ follows the
             training step that consumes a draw: position j of epoch e's global sequence is trained at step
@@ -60,7 +63,12 @@ class TemperatureSampler(WeightedSampler):
         segment_size: with ``unit="step"``, τ is re-evaluated every ``segment_size`` draws (default: one global
             batch with ``batch_size``, else ``total_size // 100``); ``shape="step"`` needs only the switch.
         num_groups: G, if some groups are empty in ``groups``.
-        num_samples, replacement, seed, num_replicas, rank, drop_last: as in ``WeightedSampler``.
+        num_samples: as in ``WeightedSampler``.
+        replacement: as in ``WeightedSampler``.
+        seed: as in ``WeightedSampler``.
+        num_replicas: as in ``WeightedSampler``.
+        rank: as in ``WeightedSampler``.
+        drop_last: as in ``WeightedSampler``.
 
     Example::
 

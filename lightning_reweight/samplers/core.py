@@ -560,8 +560,8 @@ class WeightedSampler(Sampler[int]):
         num_samples: global draws per epoch (default ``N``).
         replacement: draw with replacement (alias method) or without (exact weighted permutation prefix).
         seed: base seed, shared by all ranks.
-        num_replicas, rank: default to the ``torch.distributed`` world size and GLOBAL rank when initialised,
-            else 1 and 0.
+        num_replicas: the world size (default: ``torch.distributed``'s when initialised, else 1).
+        rank: the GLOBAL rank (default: ``torch.distributed``'s when initialised, else 0).
         drop_last: drop the tail of the global draw instead of padding it.
 
     Resume: ``state_dict()`` holds the seed, the epoch, the weights (the epoch's own weights too if they

@@ -25,7 +25,11 @@ class ImportanceSampler(WeightedSampler):
     Args:
         num_items: N, the training set size.
         num_samples: global draws per epoch (default N; PA&DA draws N with replacement).
-        replacement, seed, num_replicas, rank, drop_last: as in ``WeightedSampler``.
+        replacement: as in ``WeightedSampler``.
+        seed: as in ``WeightedSampler``.
+        num_replicas: as in ``WeightedSampler``.
+        rank: as in ``WeightedSampler``.
+        drop_last: as in ``WeightedSampler``.
 
     Example::
 

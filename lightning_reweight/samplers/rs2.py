@@ -48,7 +48,10 @@ class RS2Sampler(WeightedSampler):
         fraction: ``r`` in (0, 1], the share of the data set per round (paper: 0.1 on CIFAR-10).
         replacement: ``False`` (default): rounds stream over concatenated permutations, no repeat before every
             sample was seen. ``True``: an independent uniform subset (without duplicates) every round.
-        seed, num_replicas, rank, drop_last: as in ``WeightedSampler`` (GLOBAL rank; pad or drop per round).
+        seed: as in ``WeightedSampler``.
+        num_replicas: as in ``WeightedSampler``.
+        rank: as in ``WeightedSampler`` (the GLOBAL rank).
+        drop_last: as in ``WeightedSampler`` (pad or drop per round).
 
     Example::
 

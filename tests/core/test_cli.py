@@ -94,3 +94,65 @@ def test_misspelled_rule_is_one_error_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "lightning-reweight: error: ValueError: Unknown weight rule 'kl_drow'" in err
     assert "kl_dro" in err and "Traceback" not in err and "Union subtypes" not in err
+
+
+# ------------------------------------------------------------------- the errors a user meets first: one line each
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Does not validate against any of the Union subtypes" not in err
+    lines = [line for line in err.splitlines() if line.startswith("lightning-reweight: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_misspelled_callback_argument_suggests_the_closest(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(RECIPE), "--reweight.warmup", "5", f"--trainer.default_root_dir={tmp_path}"])
+    assert exc.value.code == 2
+    line = _error_line(capsys)
+    assert "Did you mean `--reweight.warmup_steps`?" in line and "--reweight.help LossReweighting" in line
+
+
+def test_misspelled_model_and_trainer_arguments_suggest_the_closest(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(RECIPE), "--model.init_args.lrr", "0.1"])
+    assert exc.value.code == 2
+    assert "Did you mean `--model.lr`?" in _error_line(capsys)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(RECIPE), "--trainer.max_epohcs", "3"])
+    assert exc.value.code == 2
+    assert "Did you mean `--trainer.max_epochs`?" in _error_line(capsys)
+
+
+def test_missing_recipe_lists_the_recipes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", "recipes/quickstrat.yaml"])
+    assert exc.value.code == 2
+    line = _error_line(capsys)
+    assert "quickstrat.yaml" in line and "which does not exist" in line
+    assert "recipes/quickstart.yaml" in line and "recipes/group_dro_adult.yaml" in line
+
+
+def test_shipped_recipe_is_found_from_any_directory(tmp_path, monkeypatch):
+    from lightning_reweight.cli import _resolve_recipe_paths, recipe_names, recipes_dir
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the shipped copy is read
+    args = _resolve_recipe_paths(["fit", "--config", "recipes/quickstart.yaml", "--config=recipes/rs2.yaml"])
+    assert args[2] == str(recipes_dir() / "quickstart.yaml") and args[3] == f"--config={recipes_dir() / 'rs2.yaml'}"
+    assert "recipes/quickstart.yaml" in recipe_names()
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "quickstart.yaml").write_text("{}")  # a local file wins
+    assert _resolve_recipe_paths(["--config", "recipes/quickstart.yaml"])[1] == "recipes/quickstart.yaml"
+
+
+def test_missing_data_folder_is_one_error_line(tmp_path, capsys):
+    missing = tmp_path / "no_such_copy"
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(ROOT / "recipes" / "group_dro_adult.yaml"), f"--data.init_args.root={missing}",
+              "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])
+    assert exc.value.code == 1
+    line = _error_line(capsys)
+    assert str(missing) in line and "Pass `root=`" in line

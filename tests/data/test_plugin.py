@@ -103,6 +103,22 @@ def test_bad_configuration_raises():
         create_sampler("weighted", ds, weights=[1.0, -1.0, 1.0, 1.0])
 
 
+def test_plain_xy_set_without_labels_names_the_samplingdatamodule_fix():
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    plain = TensorDataset(torch.randn(6, 2), y)  # (x, y) with no `.targets`: the labels are not known by name
+    dm = SamplingDataModule(plain, sampler="weighted", sampler_kwargs={"weights": "class_balanced"}, batch_size=2)
+    with pytest.raises(ValueError, match=r"pass `targets=` to SamplingDataModule"):
+        dm.train_dataloader()
+    dm = SamplingDataModule(plain, sampler="weighted", sampler_kwargs={"weights": "group_balanced"}, batch_size=2)
+    with pytest.raises(ValueError, match=r"pass `groups=` to SamplingDataModule"):
+        dm.train_dataloader()
+    fixed = SamplingDataModule(plain, sampler="weighted", sampler_kwargs={"weights": "class_balanced"}, batch_size=2,
+                               targets=y)  # the fix the message names
+    sampler = fixed.train_dataloader().sampler
+    assert isinstance(sampler, WeightedSampler)
+    assert torch.allclose(sampler.weights.double(), 1.0 / torch.bincount(y)[y].double())
+
+
 class _Model(pl.LightningModule):
     def __init__(self):
         super().__init__()
