@@ -85,15 +85,21 @@ def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> T
     ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
     if losses.device.type != "cpu":  # tensor ops only: no host synchronisation on a GPU
-        x = losses.double()
-        lo_t, hi_t = x.aminmax()
-        scale_t = delta / (hi_t - lo_t).clamp_min(eps)
-        return (x * (2 * scale_t) - (hi_t + lo_t) * scale_t).to(losses.dtype)
+        return _minmax_normalize_device(losses, delta, eps)
     lo, hi = (float(v) for v in losses.aminmax())
     scale = delta / max(hi - lo, eps)  # Python floats: no overflow for huge finite losses
     # 2·scale·ℓ stays within ±(2δ + |ℓ_max + ℓ_min|·scale); compute in float64 only if that could overflow
     x = losses if max(abs(hi), abs(lo)) * 2 * scale < 1e30 else losses.double()
     return x.mul(2 * scale).sub_((hi + lo) * scale).to(losses.dtype)
+
+
+def _minmax_normalize_device(losses: Tensor, delta: float, eps: float) -> Tensor:
+    """``minmax_normalize`` with tensor ops only (float64, no host read): the path of losses on a GPU. Device
+    agnostic, so the tests run it on CPU tensors."""
+    x = losses.double()
+    lo_t, hi_t = x.aminmax()
+    scale_t = delta / (hi_t - lo_t).clamp_min(eps)
+    return (x * (2 * scale_t) - (hi_t + lo_t) * scale_t).to(losses.dtype)
 
 
 def linupper_score(x: Tensor, delta: float = 1.0) -> Tensor:
