@@ -346,3 +346,17 @@ def test_sync_checks_false_on_the_cpu_defers_and_reads_later():
     sync_rw, sync_cb = _reweighter()
     sync_loss = sync_rw.reduce(losses, torch.tensor([0, 1, 2]))
     assert sync_loss.item() == pytest.approx(loss.item())
+
+
+def test_global_batch_defaults():
+    b = E.GlobalBatch(torch.ones(2), torch.arange(2))
+    assert b.global_step == 0 and b.group is None and b.target is None and b.extras == {}
+    assert b.local == slice(None) and b.sizes == []
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), DEVICE])
+def test_combine_accepts_a_small_positive_total(device):
+    w = E.combine([(_cb(normalized=False), torch.tensor([0.25, 0.25]))], _batch([1.0, 1.0]), E.Checks(device, True))
+    assert w.tolist() == [0.25, 0.25]
+    w = E.combine([(_cb(), torch.tensor([0.0, 1e-30]))], _batch([1.0, 1.0]), E.Checks(device, True))
+    assert w.tolist() == pytest.approx([0.0, 2.0])

@@ -245,3 +245,59 @@ def test_from_state_dict_adopts_tensors_and_keeps_declared_dtypes():
         dst.add_column("v", Column("sum", dtype=torch.float64))
     dst.load_state_dict(src.state_dict())
     assert dst["v"].dtype == torch.float32 and dst["v"][1].item() == 1.5
+
+
+# ------------------------------------------------------------------------------------------------ compiled path
+class _FakeLerp:
+    """Kernels whose ``lerp_array`` writes torch's result for one formula only (or for neither)."""
+
+    def __init__(self, right):
+        self.right = right
+
+    def lerp_array(self, old, new, w, one, fused, out):
+        expected = torch.lerp(torch.from_numpy(old), torch.from_numpy(new), float(w)).numpy()
+        out[:] = expected if fused is self.right else expected + 1
+
+
+@pytest.mark.parametrize("right, probed", [(True, True), (False, False), (None, None)])
+def test_lerp_probe_picks_the_formula_torch_computes(right, probed):
+    assert table_module._probe_lerp(_FakeLerp(right)) is probed
+
+
+def test_lerp_probe_on_the_real_kernels_matches_torch():
+    kernels = table_module._numba_kernels()
+    if kernels is None:
+        pytest.skip("numba is not available")
+    assert table_module._LERP_FUSED is not None
+    assert table_module._probe_lerp(kernels) is table_module._LERP_FUSED
+
+
+def test_compiled_plan_is_cached_and_rebuilt_when_a_column_is_replaced():
+    if table_module._numba_kernels() is None:
+        pytest.skip("numba is not available")
+    t = SampleStateTable(4)
+    t.update(torch.tensor([0]), loss=torch.tensor([1.0]))
+    plan = t._plans[("loss",)]
+    t.update(torch.tensor([1]), loss=torch.tensor([2.0]))
+    assert t._plans[("loss",)] is plan
+    t.load_state_dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in t.state_dict().items()} | {
+        "columns": {k: v.clone() for k, v in t.state_dict()["columns"].items()}})
+    t.update(torch.tensor([2]), loss=torch.tensor([3.0]))
+    assert t._plans[("loss",)] is not plan
+    assert t["loss"].tolist()[:3] == [1.0, 2.0, 3.0] and t["count"].tolist() == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_float_and_second_count_columns_count_repeats(monkeypatch, use_numba):
+    """A float ``count`` column (which may stop counting exactly) takes the sorting path; every count column
+    advances."""
+    monkeypatch.setattr(table_module, "USE_NUMBA", use_numba)
+    cols = {"count": Column("count", 0, dtype=torch.float32), "c2": Column("count", 0, dtype=torch.int32),
+            "loss": Column("last", 0.0)}
+    t = SampleStateTable(3, columns=cols)
+    t.update(torch.tensor([2, 0, 2]), loss=torch.tensor([1.0, 5.0, 3.0]))
+    assert t["count"].tolist() == [1.0, 0.0, 2.0] and t["c2"].tolist() == [1, 0, 2]
+    assert t["loss"].tolist() == [5.0, 0.0, 2.0]
+    with pytest.raises(IndexError, match=r"\[0, 3\), but got range \[0, 3\]"):
+        t.update(torch.tensor([0, 3]), check=False, loss=torch.tensor([1.0, 1.0]))
+    assert t["count"].tolist() == [1.0, 0.0, 2.0]

@@ -224,3 +224,14 @@ def test_group_dro_sample_weights_objective():
     losses = torch.tensor([1.0, 2.0, 4.0, 100.0])
     assert (w * losses).mean().item() == pytest.approx(0.25 * 1.0 + 0.75 * 3.0)
     assert torch.equal(fr.group_dro_sample_weights(q, group, 2, counts=torch.tensor([1, 2])), w)
+
+
+def test_absent_last_groups_keep_their_slots():
+    sums, counts = fr.group_sums(torch.tensor([2.0]), torch.tensor([0]), 3)
+    assert sums.tolist() == [2.0, 0.0, 0.0] and counts.tolist() == [1, 0, 0]
+    sums2, _ = fr.group_sums(torch.ones(1, 2), torch.tensor([0]), 3)
+    assert sums2.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    m = fr.febs_loss_multipliers(torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64), torch.tensor([0, 0]))
+    assert m.tolist() == [1.0, 1.0]
+    w = fr.group_dro_sample_weights(torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0, 0]), 3)
+    assert w.tolist() == [0.5, 0.5]

@@ -177,12 +177,12 @@ def test_log_mean_exp():
 
 # ------------------------------------------------------------------------------------------------ clip, ESS
 def test_clip_weights_none_clip_only_and_renormalised():
-    w = torch.tensor([3.0, 0.5, 0.5])
+    w = torch.tensor([4.0, 1.0, 1.0])
     assert clip_weights(w, None) is w
-    assert clip_weights(w, 2.0, renormalize=False).tolist() == [2.0, 0.5, 0.5]
+    assert clip_weights(w, 2.0, renormalize=False).tolist() == [2.0, 1.0, 1.0]
     c = clip_weights(w, 2.0)
-    assert c.tolist() == pytest.approx([2.0 * 3 / 3.0, 0.5 * 3 / 3.0, 0.5 * 3 / 3.0])
-    assert c.mean().item() == pytest.approx(1.0)
+    assert c.tolist() == pytest.approx([1.5, 0.75, 0.75])  # clipped, then mean 1 once
+    assert clip_weights(torch.zeros(2), 1.0).tolist() == [0.0, 0.0]  # no division by zero
 
 
 def test_effective_sample_size_kish_and_unit_mass_branch():

@@ -211,3 +211,14 @@ def test_sequence_fingerprint_changes_with_the_sequence():
     a = core.sequence_fingerprint(torch.tensor([1, 2, 3]), 4)
     assert a == (3, 6, 1 + 4 + 9, 14, 4)
     assert core.sequence_fingerprint(torch.tensor([2, 1, 3]), 4) != a
+
+
+def test_legacy_checkpoint_cursor_is_scaled_to_a_global_position():
+    s = WeightedSampler(torch.ones(8), num_replicas=2, rank=0)
+    s.set_cursor(2)
+    state = s.state_dict()
+    assert state["position"] == 4
+    del state["position"]  # written before positions were global
+    assert s.check_state_dict(state)["position"] == 4
+    state["global_cursor"] = 3
+    assert s.check_state_dict(state)["position"] == 3
