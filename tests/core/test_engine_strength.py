@@ -234,17 +234,17 @@ def test_propose_weights_converts_and_checks_the_length():
 def test_propose_losses_regathers_transformed_losses():
     batch = _batch([1.0, 2.0])
     local = torch.tensor([1.0, 2.0])
-    cb = _cb(transform_losses=lambda l, x, b, c, m: l * 2)
+    cb = _cb(transform_losses=lambda loss, x, b, c, m: loss * 2)
     out = E.propose_losses([cb], local, {}, batch, E.Checks(torch.device("cpu"), True), None, None)
     assert out.tolist() == [2.0, 4.0] and batch.losses.tolist() == [2.0, 4.0]
-    same = _cb(transform_losses=lambda l, x, b, c, m: None)
+    same = _cb(transform_losses=lambda loss, x, b, c, m: None)
     assert E.propose_losses([same], local, {}, batch, E.Checks(torch.device("cpu"), True), None, None) is local
-    nan = _cb(transform_losses=lambda l, x, b, c, m: l * float("nan"))
+    nan = _cb(transform_losses=lambda loss, x, b, c, m: loss * float("nan"))
     for device in (torch.device("cpu"), DEVICE):
         with pytest.raises(ValueError, match=r"positions \[0, 1\]"):
             E.propose_losses([nan], local, {}, _batch([1.0, 2.0]), E.Checks(device, True), None, None)
     with pytest.raises(ValueError, match=r"got a scalar"):
-        E.propose_losses([_cb(transform_losses=lambda l, x, b, c, m: l.sum())], local, {}, batch,
+        E.propose_losses([_cb(transform_losses=lambda loss, x, b, c, m: loss.sum())], local, {}, batch,
                          E.Checks(torch.device("cpu"), True), None, None)
 
 

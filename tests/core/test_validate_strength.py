@@ -90,6 +90,8 @@ def test_as_distribution():
     q = torch.tensor([0.25, 0.75])
     assert as_distribution({"q": q}, "q", "cb", length=2) is q
     as_distribution({"q": torch.tensor([0.5, 0.50009])}, "q", "cb")  # within atol 1e-4
+    wide = torch.tensor([0.5, 0.75], dtype=torch.float64)  # |sum - 1| == atol exactly: accepted
+    assert as_distribution({"q": wide}, "q", "cb", atol=0.25) is wide
     with _raises(r"expected a probability distribution summing to 1, but the sum is 1.5"):
         as_distribution({"q": torch.tensor([0.75, 0.75])}, "q", "cb")
     with _raises(r"summing to 1, but the sum is 0.89999"):
