@@ -222,3 +222,16 @@ def test_legacy_checkpoint_cursor_is_scaled_to_a_global_position():
     assert s.check_state_dict(state)["position"] == 4
     state["global_cursor"] = 3
     assert s.check_state_dict(state)["position"] == 3
+
+
+@pytest.mark.parametrize("key", ["weights", "epoch_weights"])
+def test_checkpointed_all_zero_weights_are_refused(key):
+    from lightning_reweight.state.validate import CheckpointStateError
+
+    s = WeightedSampler(torch.ones(3))
+    state = s.state_dict()
+    state[key] = torch.zeros(3)
+    with pytest.raises(CheckpointStateError, match=rf"\['{key}'\]: expected at least one positive weight, but all "
+                                                   r"are zero\. .*Resume from another checkpoint"):
+        s.load_state_dict(state)
+    assert torch.equal(s.weights, torch.ones(3))
