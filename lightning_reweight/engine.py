@@ -130,7 +130,7 @@ def _check_ids(name: str, value: Any, n: int, what: str) -> Tensor:
         )
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(
-            f"Expected argument `{name}` to hold integer {what}s, but got dtype {t.dtype}. Casting would "
+            f"Expected argument `{name}` to hold an integer {what} per sample, but got dtype {t.dtype}. Casting would "
             f"truncate silently (0.9 -> 0); pass an integer tensor (e.g. `{name}.long()` if the values are whole)."
         )
     return t.to(torch.int64)

@@ -166,11 +166,14 @@ def febs_loss_multipliers(
 def check_class_ids(target: Tensor, num_classes: int) -> Tensor:
     """Validate integer class ids in ``[0, num_classes)``; returns them as long."""
     if target.is_floating_point():
-        raise TypeError(f"Expected argument `target` to hold integer class ids, but got dtype {target.dtype}.")
+        raise TypeError(
+            f"Expected argument `target` to hold integer class ids, but got dtype {target.dtype}; pass labels as "
+            "an integer tensor (e.g. `target.long()`), or one-hot targets of the probabilities' shape."
+        )
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         raise ValueError(
             f"Expected argument `target` to hold class ids in [0, {num_classes}), but got values in "
-            f"[{int(target.min())}, {int(target.max())}]."
+            f"[{int(target.min())}, {int(target.max())}]; the probabilities need one channel per class (background included)."
         )
     return target.long()
 
@@ -191,13 +194,16 @@ def soft_dice_stats(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tens
         ``(I, Z, Y)`` each ``(B, C)``: ``I = Σ p·t``, ``Z = Σ p²``, ``Y = Σ t²`` (squared-denominator Dice).
     """
     if probs.ndim < 2:
-        raise ValueError(f"Expected argument `probs` to have shape (B, C, ...), but got {tuple(probs.shape)}.")
+        raise ValueError(
+            f"Expected argument `probs` to have shape (B, C, ...), but got {tuple(probs.shape)}; pass the softmax "
+            "probabilities with the class channel at dim 1."
+        )
     if target.shape != probs.shape:
         target = _one_hot_target(target, probs.shape[1])
         if target.shape != probs.shape:
             raise ValueError(
                 f"Expected `target` of shape {tuple(probs.shape[:1] + probs.shape[2:])} (labels) or "
-                f"{tuple(probs.shape)} (one-hot), but got {tuple(target.shape)}."
+                f"{tuple(probs.shape)} (one-hot), but got {tuple(target.shape)}; pass one label map per sample."
             )
     target = target.to(probs.dtype)
     dims = tuple(range(2, probs.ndim))
@@ -223,7 +229,8 @@ def group_dice_errors(
     """
     stats = torch.stack([inter, z, y], dim=-1).detach()  # (B, C, 3)
     sums, counts = group_sums(stats, group, num_groups, ignore_index)
-    return _dice_errors_from_group_sums(sums, smooth) * (counts > 0), counts
+    errors = _dice_errors_from_group_sums(sums, smooth)
+    return torch.where(counts > 0, errors, torch.zeros_like(errors)), counts  # 0, also when smooth = 0 (0/0)
 
 
 def _dice_errors_from_group_sums(sums: Tensor, smooth: float) -> Tensor:
@@ -258,7 +265,8 @@ def scaled_dice_loss(
         k = torch.as_tensor(class_weights, dtype=per_class.dtype, device=per_class.device)
         if k.shape != (num_classes,):
             raise ValueError(
-                f"Expected argument `class_weights` to have {num_classes} entries, but got shape {tuple(k.shape)}."
+                f"Expected argument `class_weights` to have {num_classes} entries, but got shape {tuple(k.shape)}; "
+                "give one weight per class (background included)."
             )
         per_class = per_class * k
     return per_class.sum(-1) / num_classes
@@ -281,7 +289,10 @@ def febs_dice_loss(
     """
     group = check_groups(group, num_groups, ignore_index)
     if group.shape[0] != probs.shape[0]:
-        raise ValueError(f"Expected one group id per sample ({probs.shape[0]}), but got {group.shape[0]}.")
+        raise ValueError(
+            f"Expected one group id per sample ({probs.shape[0]}), but got {group.shape[0]}; pass the batch's "
+            "`group` column unchanged."
+        )
     inter, z, y = soft_dice_stats(probs, target)
     errors, counts = group_dice_errors(inter, z, y, group, num_groups, smooth, ignore_index)
     scales = febs_group_scales(errors, counts > 0, gamma)
@@ -319,17 +330,26 @@ def dro_adjustment(
             f"Expected argument `adjustment` to be one number or {num_groups} numbers (one per group), but got {c.numel()}."
         )
     if bool((c < 0).any()) or not bool(torch.isfinite(c).all()):
-        raise ValueError(f"Expected argument `adjustment` to be finite and ≥ 0, but got {c.tolist()}.")
+        raise ValueError(
+            f"Expected argument `adjustment` to be finite and ≥ 0, but got {c.tolist()}; use 0 (or None) to turn "
+            "the adjustment off for a group."
+        )
     if not bool((c > 0).any()):
         return torch.zeros(num_groups, dtype=torch.float64)
     if group_counts is None:
-        raise ValueError("The GroupDRO adjustment C/√n_g needs the training-set group counts `group_counts`.")
+        raise ValueError(
+            "Expected the training-set group counts `group_counts` with an adjustment C > 0, but got None; pass "
+            "`group_counts` (samples per group in the training set), or set `adjustment=None`."
+        )
     n = torch.as_tensor(group_counts, dtype=torch.float64).flatten()
     if n.numel() != num_groups:
-        raise ValueError(f"Expected argument `group_counts` to have {num_groups} entries, but got {n.numel()}.")
+        raise ValueError(
+            f"Expected argument `group_counts` to have {num_groups} entries (one per group), but got {n.numel()}."
+        )
     if bool(((c > 0) & (n <= 0)).any()):
         raise ValueError(
-            f"Expected every group with adjustment C_g > 0 to have training samples, but got counts {n.tolist()}."
+            f"Expected every group with adjustment C_g > 0 to have training samples, but got counts {n.tolist()}; "
+            "set C_g = 0 for a group without training samples (pass one C per group)."
         )
     return torch.where(c > 0, c / n.clamp_min(1).sqrt(), torch.zeros_like(c))
 

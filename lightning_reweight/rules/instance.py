@@ -85,7 +85,7 @@ def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> T
     ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
     if losses.device.type != "cpu":  # tensor ops only: no host synchronisation on a GPU
-        return _minmax_tensors(losses, *double_range(losses), delta, eps)
+        return _minmax_normalize_device(losses, delta, eps)
     lo, hi = (float(v) for v in losses.aminmax())
     scale = delta / max(hi - lo, eps)  # Python floats: no overflow for huge finite losses
     # 2·scale·ℓ stays within ±(2δ + |ℓ_max + ℓ_min|·scale); compute in float64 only if that could overflow
@@ -107,6 +107,12 @@ def double_range(losses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     lo, hi = x.aminmax()
     _RANGE[:] = [losses, losses._version, x, lo, hi]
     return x, lo, hi
+
+
+def _minmax_normalize_device(losses: Tensor, delta: float, eps: float) -> Tensor:
+    """``minmax_normalize`` with tensor ops only (float64, no host read): the path of losses on a GPU. Device
+    agnostic, so the tests run it on CPU tensors."""
+    return _minmax_tensors(losses, *double_range(losses), delta, eps)
 
 
 def _minmax_tensors(losses: Tensor, x: Tensor, lo_t: Tensor, hi_t: Tensor, delta: float, eps: float) -> Tensor:

@@ -222,13 +222,13 @@ def _count_at_most(sorted_seq: np.ndarray, values: np.ndarray) -> np.ndarray:
     finds those and corrects them.
     """
     m = sorted_seq.size
-    if m < 2 or values.size < 1024:
+    if m < 2 or values.size < 1024:  # a speed threshold: both paths count alike (pragma: no mutate)
         return np.searchsorted(sorted_seq, values, side="right")
     work = np.arange(-1, m, dtype=np.float64)  # work[1:] = 0, 1, ..., m - 1: the positions to interpolate
     pos = np.interp(values, sorted_seq, work[1:], left=-1.0, right=float(m - 1))
     count = pos.astype(np.int64)  # pos is -1 or >= 0: truncation is floor
     count += 1
-    np.clip(count, 0, m, out=count)  # defensive: the bounds above already hold
+    np.clip(count, 0, m, out=count)  # defensive: the bounds above already hold (pragma: no mutate)
     padded = work  # reused: padded[c] = seq[c - 1], padded[0] = -inf
     padded[0] = -np.inf
     padded[1:] = sorted_seq
@@ -302,7 +302,7 @@ def _build_alias_table_numpy_body(weights: Tensor) -> AliasTable:
     donor = _count_at_most(cum_excess, cum_deficit_start)
     served = np.bincount(donor, minlength=n_heavy + 1)[:-1]
     np.cumsum(served, out=served)
-    np.minimum(donor, n_heavy - 1, out=donor)  # rounding at the very end -> last heavy
+    np.minimum(donor, n_heavy - 1, out=donor)  # rounding at the very end -> last heavy (pragma: no mutate)
     alias[light_idx] = np.take(heavy_idx, donor, out=donor, mode="clip")  # in place: donor is spent
     del donor, light_idx
     # heavy k keeps E_k + 1 - L_k of its bucket, L_k = deficit of the lights served by heavies <= k
@@ -730,7 +730,7 @@ class WeightedSampler(Sampler[int]):
         n = global_draw.numel()
         if total_size <= n:
             return global_draw[:total_size]
-        reps = math.ceil((total_size - n) / n)
+        reps = math.ceil((total_size - n) / n)  # extra repeats are cut off below (pragma: no mutate)
         return torch.cat([global_draw, global_draw.repeat(reps)[: total_size - n]])
 
     def _sequence(self, plan: EpochPlan) -> Tensor:
