@@ -55,7 +55,7 @@ def test_two_column_index_is_refused_before_any_computation(recorder):
 @pytest.mark.parametrize("group", [torch.tensor([0.9, 1.0, 0.0, 1.0]), torch.tensor([True, False, True, False])])
 def test_float_and_bool_group_ids_are_refused(recorder, group):
     module, cb = recorder
-    with pytest.raises(TypeError, match=rf"`group` to hold integer group ids, but got dtype {group.dtype}.*0.9 -> 0"):
+    with pytest.raises(TypeError, match=rf"`group` to hold an integer group id per sample, but got dtype {group.dtype}.*0.9 -> 0"):
         reduce_loss(module, torch.ones(4, requires_grad=True), torch.arange(4), group=group)
     assert cb.calls == [] and cb.table is None  # refused before the callback saw anything
 
