@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_reweight.callbacks._install import train_dataset
+from lightning_reweight.callbacks._install import restart_train_iterator, train_dataset
 from lightning_reweight.callbacks.base import GlobalBatch, WeightingCallback
 from lightning_reweight.callbacks.logging import log_scalars
 from lightning_reweight.rules.balance import ScheduleName, Shape, TemperatureSchedule, upweight_factors
@@ -163,6 +163,16 @@ class StreamMixing(WeightingCallback):
         self.mixture = mixture
         self._window_start = mixture.counts.clone()
         self._loss_sums = torch.zeros(mixture.num_domains, 2, dtype=torch.float64)
+        # Lightning starts the train iterator (and fetches a batch) before `on_train_start`: start it again, so
+        # the first batch is drawn with this schedule, world and position (nothing was counted yet)
+        restart_train_iterator(trainer)
+
+    @override
+    def outside_trainer_refusal(self) -> str | None:
+        return ("it configures and checkpoints the Trainer's train dataloader. Outside the Trainer drive the "
+                "`StreamMixture` yourself: set `mixture.schedule`, call `mixture.advance(batch['end'], "
+                "batch['counts'])` per step and save `mixture.state_dict()`; upweight with "
+                "`upweight_factors(mixture.sizes, tau)[batch['domain']]`.")
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
