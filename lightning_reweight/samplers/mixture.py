@@ -56,7 +56,7 @@ from lightning_reweight.rules.balance import TemperatureSchedule, check_tau
 from lightning_reweight.state.keys import splitmix64
 from lightning_reweight.state.validate import CheckpointStateError, as_int, as_tensor, require_keys
 
-__all__ = ["StreamMixture", "draw_domains", "source_size", "uniform01"]
+__all__ = ["StreamMixture", "draw_domains", "schedule_taus", "source_size", "uniform01"]
 
 _DOMAIN_SALT = 0x5EED_0001
 _PERM_SALT = 0x5EED_0002
@@ -66,6 +66,21 @@ def uniform01(positions: Tensor, seed: int) -> Tensor:
     """Counter-based uniforms in ``[0, 1)`` (float64, 53 random bits): ``u_i`` depends on ``(seed, i)`` only."""
     h = splitmix64(positions.to(torch.int64), seed=int(seed) * 4 + 1)
     return ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0 ** -53
+
+
+def schedule_taus(schedule: TemperatureSchedule, progress: Tensor) -> Tensor:
+    """``schedule(p)`` for a tensor of progress values (vectorised; equal to the scalar ``cooldown_tau``)."""
+    if schedule.schedule == "constant":
+        return torch.full(progress.shape, schedule.tau, dtype=torch.float64)
+    p = progress.to(torch.float64).clamp(0.0, 1.0)
+    start, end, switch = schedule.tau_start, schedule.tau_end, schedule.switch_fraction
+    if schedule.shape == "step":
+        return torch.where(p < switch, torch.tensor(start, dtype=torch.float64), torch.tensor(end, dtype=torch.float64))
+    half = min(switch, 1.0 - switch)
+    frac = ((p - (switch - half)) / (2 * half)).clamp(0.0, 1.0)
+    if schedule.shape == "cosine":
+        frac = 0.5 * (1.0 - torch.cos(math.pi * frac))
+    return start + (end - start) * frac
 
 
 def draw_domains(sizes: Tensor, taus: Tensor, u: Tensor) -> Tensor:
@@ -234,9 +249,7 @@ class StreamMixture(IterableDataset):
             raise ValueError(f"Expected `total_sequences` for the schedule {self.schedule!r}, but got None. Pass "
                              "`StreamMixture(total_sequences=...)`, or attach `StreamMixing` (it sets it from "
                              "`Trainer(max_steps)`).")
-        progress = (positions.to(torch.float64) / self.total_sequences).tolist()
-        # the schedule is a handful of values over a batch: one call per distinct progress value
-        return torch.tensor([self.schedule(p) for p in progress], dtype=torch.float64)
+        return schedule_taus(self.schedule, positions.to(torch.float64) / self.total_sequences)
 
     def probabilities(self, tau: float) -> Tensor:
         """``p_k(τ) ∝ n_k^(1/τ)`` (float64)."""

@@ -8,7 +8,7 @@ from torch.utils.data import IterableDataset
 
 from lightning_reweight.data.text import CharWindows
 from lightning_reweight.rules.balance import TemperatureSchedule, temperature_distribution
-from lightning_reweight.samplers.mixture import StreamMixture, draw_domains, uniform01
+from lightning_reweight.samplers.mixture import StreamMixture, draw_domains, schedule_taus, uniform01
 from lightning_reweight.state.validate import CheckpointStateError
 
 
@@ -56,6 +56,15 @@ def test_cooldown_switches_the_draw_temperature_at_half_the_run():
     assert float(batches[124]["tau"]) == 5.0 and float(batches[125]["tau"]) == 1.0
     with pytest.raises(ValueError, match="total_sequences"):
         _mixture(schedule=TemperatureSchedule("cooldown")).domains(0, 4)
+
+
+@pytest.mark.parametrize("shape", ["step", "linear", "cosine"])
+@pytest.mark.parametrize("switch", [0.5, 0.3])
+def test_vectorised_schedule_equals_the_scalar_one(shape, switch):
+    schedule = TemperatureSchedule("cooldown", tau_start=5.0, tau_end=1.0, switch_fraction=switch, shape=shape)
+    progress = torch.linspace(-0.1, 1.1, 241, dtype=torch.float64)
+    expected = torch.tensor([schedule(float(p)) for p in progress], dtype=torch.float64)
+    torch.testing.assert_close(schedule_taus(schedule, progress), expected)
 
 
 def test_a_small_stream_cycles_with_a_fresh_shuffle_and_its_passes_are_counted():
