@@ -192,8 +192,7 @@ class StreamMixing(WeightingCallback):
     @override
     def validate_batch(self, batch: GlobalBatch, trainer: pl.Trainer) -> None:
         super().validate_batch(batch, trainer)
-        if self.mixture is None:
-            raise RuntimeError(f"{type(self).__name__} has no mixture yet: it finds it at `on_train_start`.")
+        assert self.mixture is not None, "found at on_train_start"
         if batch.group is None and self.mode == "upweight":
             raise ValueError(
                 f"Expected {type(self).__name__}(mode='upweight') to get each sequence's domain id, but "

@@ -135,6 +135,18 @@ def test_refusals_name_the_fix(tmp_path):
                            limit_train_batches=2, limit_val_batches=0)
     with pytest.raises(ValueError, match="max_steps"):
         trainer.fit(_model(), train_dataloaders=DataLoader(_mixture(), batch_size=None))
+    class WrongGroup(CharTransformerLM):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(dict(batch, domain=batch["domain"] + 5), batch_idx)
+
+    trainer = make_trainer([StreamMixing()], tmp_path, max_steps=2, max_epochs=-1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"domain ids in \[0, 3\)"):
+        trainer.fit(WrongGroup(d_model=8, n_layers=1, n_heads=2, max_len=8),
+                    train_dataloaders=DataLoader(_mixture(), batch_size=None))
+    from lightning_reweight import Reweighter
+
+    with pytest.raises(RuntimeError, match="drive the `StreamMixture` yourself"):
+        Reweighter([StreamMixing()]).reduce(torch.ones(2, requires_grad=True), group=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="'upsample' or 'upweight'"):
         StreamMixing(mode="resample")
     with pytest.raises(ValueError, match="total_sequences"):
