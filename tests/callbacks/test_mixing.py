@@ -198,3 +198,23 @@ def test_multilingual_module_refusals(tmp_path):
         MultilingualDataModule(languages=["aa", "aa"])
     with pytest.raises(ValueError, match="seq_len, batch_size"):
         MultilingualDataModule(seq_len=0)
+
+
+def test_domain_ids_and_keys_compose_with_group_dro_febs_and_keyed_rules(tmp_path):
+    from lightning_reweight import GroupDRO, LossReweighting
+    from lightning_reweight.callbacks import FairErrorBoundScaling
+
+    mixture = _mixture()
+    dro = GroupDRO(num_groups=3, step_size=0.1, log_every_n_steps=0)
+    trainer = make_trainer([StreamMixing(mode="upweight"), dro], tmp_path, max_steps=4, max_epochs=-1,
+                           limit_val_batches=0)
+    trainer.fit(_model(), train_dataloaders=DataLoader(mixture, batch_size=None))  # group = domain, no index
+    assert dro.q.numel() == 3 and not torch.allclose(dro.q, torch.full((3,), 1 / 3, dtype=dro.q.dtype))
+    # per-sample state keyed by the mixture's stable keys: FEBS (groups = domains) and a keyed LinUpper table
+    febs = FairErrorBoundScaling(num_groups=3, log_every_n_steps=0)
+    keyed = LossReweighting("linupper", warmup_steps=1, num_samples=mixture.num_keys, log_every_n_steps=0)
+    model = CharTransformerLM(d_model=8, n_layers=1, n_heads=2, max_len=8, sample_keys="exact")
+    trainer = make_trainer([StreamMixing(tau=5.0), febs, keyed], tmp_path, max_steps=4, max_epochs=-1,
+                           limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=DataLoader(mixture, batch_size=None))
+    assert keyed.table.num_samples == sum(SIZES) and int(keyed.table.state_dict()["columns"]["count"].sum()) == 16
