@@ -241,19 +241,19 @@ def main() -> None:
 
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
         for ax, group, title in zip(axes, ("low", "high", "mean"),
-                                    (f"3 smallest languages ({', '.join(low)})", f"3 largest ({', '.join(high)})",
-                                     f"all {len(names)} languages")):
+                                    (f"3 smallest languages\n({', '.join(low)})", f"3 largest languages\n({', '.join(high)})",
+                                     f"all {len(names)} languages\n(each counted once)")):
             for method in METHODS:
                 rs = [per_seed[(method, s)] for s in range(args.seeds)]
                 steps = rs[0]["steps"]
                 curve = [statistics.fmean(r[group][i] for r in rs) for i in range(len(steps))]
                 ax.plot(steps, curve, label=method, marker="o", ms=2)
-            ax.set_title(f"validation, {title}")
+            ax.set_title(f"validation bits, {title}", fontsize=10)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("bits per byte (mean over languages and seeds)")
             ax.grid(alpha=0.3)
         axes[0].legend()
-        fig.suptitle("Mixing language streams: temperature sampling vs upweighting vs Cooldown")
+        fig.suptitle("Mixing language streams: temperature sampling vs upweighting vs Cooldown", y=1.04)
         save_plot(fig, args.out, "mixing" + ("_quick" if args.quick else ""))
     except ImportError:  # pragma: no cover
         print("matplotlib missing: no plot")
