@@ -341,7 +341,7 @@ class StreamMixture(IterableDataset):
         batch["domain"] = dom.clone()
         batch["end"] = torch.tensor(end)
         batch["counts"] = counts
-        batch["tau"] = torch.tensor(tau if math.isfinite(tau) else float("inf"), dtype=torch.float64)
+        batch["tau"] = torch.tensor(tau, dtype=torch.float32)  # float32: every accelerator takes it
         return batch
 
     def __iter__(self) -> Iterator[dict]:
