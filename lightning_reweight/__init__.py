@@ -10,6 +10,7 @@ from lightning_reweight.callbacks import (
     ImportanceSampling,
     LossReweighting,
     SamplerState,
+    StreamMixing,
     Tent,
     WeightingCallback,
     install_sampler,
@@ -18,7 +19,7 @@ from lightning_reweight.contract import MissingIndexError, StepInputError, reduc
 from lightning_reweight.data import IndexedDataset, SamplingDataModule, indexed_collate
 from lightning_reweight.doors import Reweighter
 from lightning_reweight.rules import create_rule
-from lightning_reweight.samplers import RS2Sampler, WeightedSampler
+from lightning_reweight.samplers import RS2Sampler, StreamMixture, WeightedSampler
 from lightning_reweight.sequence import sequence_losses
 from lightning_reweight.state import SampleStateTable, StreamKeys
 
@@ -36,6 +37,8 @@ __all__ = [
     "StepInputError",
     "SamplerState",
     "SamplingDataModule",
+    "StreamMixing",
+    "StreamMixture",
     "Tent",
     "WeightedSampler",
     "GlobalBatch",

@@ -65,3 +65,17 @@ def test_lm_litdata_recipe_fast_dev_run(tmp_path, monkeypatch):
     table = cli.trainer.callbacks  # the keyed table has one row per window of the training text
     reweight = next(cb for cb in table if type(cb).__name__ == "LossReweighting")
     assert reweight.table.num_samples == cli.datamodule.num_keys > 1000
+
+
+def test_mixing_recipe_fast_dev_run(tmp_path, monkeypatch):
+    from lightning_reweight.data.multilingual import default_multilingual_root
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "mixing_cooldown.yaml"
+    if not default_multilingual_root().is_dir():
+        pytest.skip(f"needs {default_multilingual_root()}")
+    monkeypatch.chdir(recipe.parents[1])
+    cli = build_cli(["fit", "--config", str(recipe), "--trainer.fast_dev_run=true", "--trainer.logger=false",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 1 and "val/bpc_worst" in metrics and "val/bpc/thai" in metrics
+    assert cli.datamodule.mixture.position == 16  # one step of 16 sequences, counted by StreamMixing

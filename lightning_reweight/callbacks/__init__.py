@@ -8,6 +8,7 @@ from lightning_reweight.callbacks.group_dro import GroupDRO
 from lightning_reweight.callbacks.importance import ImportanceSampling
 from lightning_reweight.callbacks.logging import log_histogram, log_scalars, log_weight_stats, weight_summary
 from lightning_reweight.callbacks.loss_reweighting import LossReweighting
+from lightning_reweight.callbacks.mixing import StreamMixing
 from lightning_reweight.callbacks.report import MetricsReport
 from lightning_reweight.callbacks.sampling import SamplerState, ensure_sampler_state, install_sampler
 from lightning_reweight.callbacks.streams import StreamShardCheck, StreamShardingError, check_stream_sharding
@@ -25,6 +26,7 @@ __all__ = [
     "LossReweighting",
     "MetricsReport",
     "SamplerState",
+    "StreamMixing",
     "StreamShardCheck",
     "StreamShardingError",
     "Tent",

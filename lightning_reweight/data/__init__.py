@@ -1,7 +1,7 @@
 """Data: the index-yielding wrapper, collate, DataModule plugins and real-data DataModules.
 
 Real-data modules read from ``root`` (default ``../shared/datasets``): ``AdultDataModule``,
-``CIFAR10CDataModule``, ``ISBI2012DataModule``, ``PH2DataModule``; streamed text: ``CharStreamDataModule``; LitData chunks (optional extra ``litdata``): ``LitDataTextModule``,
+``CIFAR10CDataModule``, ``ISBI2012DataModule``, ``PH2DataModule``; streamed text: ``CharStreamDataModule``; multilingual byte streams mixed by temperature: ``MultilingualDataModule``; LitData chunks (optional extra ``litdata``): ``LitDataTextModule``,
 ``TextWindowDataset``, ``optimize_text_windows`` (imported on first use, from ``data/litdata_text.py``).
 """
 
@@ -12,6 +12,7 @@ from lightning_reweight.data.cifar10 import cifar10_lt_counts, load_cifar10, lon
 from lightning_reweight.data.corruptions import CIFAR10CDataModule, corrupt
 from lightning_reweight.data.digits import DigitsDataModule, long_tail_counts, long_tail_subset
 from lightning_reweight.data.indexed import IndexedDataset, indexed_collate, infer_targets
+from lightning_reweight.data.multilingual import MultilingualDataModule
 from lightning_reweight.data.plugin import SamplingDataModule, register_sampler
 from lightning_reweight.data.segmentation import ISBI2012DataModule, PH2DataModule
 from lightning_reweight.data.smote import SMOTEDataModule, smote_resample
@@ -26,6 +27,7 @@ __all__ = [
     "ISBI2012DataModule",
     "IndexedDataset",
     "LitDataTextModule",
+    "MultilingualDataModule",
     "PH2DataModule",
     "SMOTEDataModule",
     "SamplingDataModule",

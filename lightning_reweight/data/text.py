@@ -179,6 +179,12 @@ class CharWindows(Dataset):
         seq = self.data[i * self.seq_len: i * self.seq_len + self.seq_len + 1].long()
         return {"x": seq[:-1], "y": seq[1:], "key": torch.tensor(i)}
 
+    def get_batch(self, indices: Tensor) -> dict[str, Tensor]:
+        """Windows ``indices`` at once (vectorised; what ``StreamMixture`` reads): ``x``, ``y`` ``(b, L)``, ``key``."""
+        pos = indices[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
+        seq = self.data[pos].long()
+        return {"x": seq[:, :-1].contiguous(), "y": seq[:, 1:].contiguous(), "key": indices.clone()}
+
 
 class _StreamLoader(DataLoader):
     """A DataLoader over a ``CharWindowStream`` that tells the stream its epoch and start in the main process."""

@@ -48,7 +48,9 @@ class CharTransformerLM(pl.LightningModule):
     ``LossReweighting(track_samples=False)``); ``"exact"`` passes the batch's stable ``key`` as the index,
     ``"hashed"`` passes ``StreamKeys(slots=key_slots)(key)`` (give the callback ``num_samples=key_slots``).
     Validation logs ``val/loss`` (nats per character, averaged over all tokens) and ``val/bpc`` (bits per
-    character).
+    character); batches with a ``domain`` (a mixture of streams, e.g. ``MultilingualDataModule``) also give
+    ``val/loss/<domain>``, ``val/bpc/<domain>`` and ``val/bpc_worst`` / ``val/bpc_mean`` over the domains, and
+    training passes ``group=batch["domain"]`` to ``reduce_loss``.
 
     Batches are dicts with ``x`` and ``y`` (``(B, T)`` int64) and optionally ``key`` (``(B,)``).
 
@@ -85,6 +87,7 @@ class CharTransformerLM(pl.LightningModule):
         self.head.weight = self.tok.weight  # tied
         self.keys = StreamKeys(slots=key_slots) if sample_keys == "hashed" else None
         self._val_sums: Tensor | None = None  # (summed token NLL, token count) of this validation pass
+        self._val_domains: Tensor | None = None  # (domains, 2): the same per domain, when batches carry one
         self.apply(self._init)
 
     @staticmethod
@@ -116,18 +119,29 @@ class CharTransformerLM(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = sequence_losses(self(batch["x"]), batch["y"], ignore_index=self.hparams.ignore_index)
         self.log("train/loss", losses.detach().mean(), prog_bar=True)
-        return reduce_loss(self, losses, self._index(batch))
+        # a mixture of streams gives each sequence its domain: group-aware callbacks (StreamMixing, GroupDRO) get it
+        return reduce_loss(self, losses, self._index(batch), group=batch.get("domain"))
+
+    def _domain_names(self) -> list[str] | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "domain_names", None)
+        return list(names) if names else None
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        names = self._domain_names()
+        self._val_domains = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device) if names else None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         y = batch["y"]
-        nll = F.cross_entropy(self(batch["x"]).flatten(0, 1).float(), y.flatten(),
-                              ignore_index=self.hparams.ignore_index, reduction="sum")
-        ntok = (y != self.hparams.ignore_index).sum()
+        tok = F.cross_entropy(self(batch["x"]).flatten(0, 1).float(), y.flatten(),
+                              ignore_index=self.hparams.ignore_index, reduction="none").view_as(y)
+        valid = y != self.hparams.ignore_index
+        nll, ntok = tok.sum(1).double(), valid.sum(1).double()  # per sequence
         assert self._val_sums is not None
-        self._val_sums += torch.stack([nll.double(), ntok.double()])
+        self._val_sums += torch.stack([nll.sum(), ntok.sum()])
+        if self._val_domains is not None and "domain" in batch:  # per-domain sums (a mixture's held-out split)
+            self._val_domains.index_add_(0, batch["domain"].long(), torch.stack([nll, ntok], 1))
 
     def on_validation_epoch_end(self) -> None:
         assert self._val_sums is not None
@@ -135,6 +149,24 @@ class CharTransformerLM(pl.LightningModule):
         loss = (sums[0] / sums[1].clamp(min=1)).float()
         self.log("val/loss", loss)
         self.log("val/bpc", loss / math.log(2.0), prog_bar=True)
+        if self._val_domains is not None:
+            self._log_domains(self.trainer.strategy.reduce(self._val_domains, reduce_op="sum"))
+
+    def _log_domains(self, sums: Tensor) -> None:
+        """``val/loss/<domain>``, ``val/bpc/<domain>`` and, over the domains with tokens, ``val/bpc_worst`` /
+        ``val/bpc_mean`` (also ``val/loss_worst`` / ``val/loss_mean``): monitorable by ``ModelCheckpoint``."""
+        names = self._domain_names() or [f"domain_{k}" for k in range(sums.shape[0])]
+        seen = sums[:, 1] > 0
+        if not bool(seen.any()):
+            return
+        loss = (sums[:, 0] / sums[:, 1].clamp(min=1)).float()
+        for k in torch.nonzero(seen).flatten().tolist():
+            self.log(f"val/loss/{names[k]}", loss[k])
+            self.log(f"val/bpc/{names[k]}", loss[k] / math.log(2.0))
+        self.log("val/loss_worst", loss[seen].max())
+        self.log("val/loss_mean", loss[seen].mean())
+        self.log("val/bpc_worst", loss[seen].max() / math.log(2.0))
+        self.log("val/bpc_mean", loss[seen].mean() / math.log(2.0))
 
     def configure_optimizers(self) -> Any:
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2]

@@ -15,6 +15,7 @@ from lightning_reweight.samplers.core import (
     validate_weights,
 )
 from lightning_reweight.samplers.importance import ImportanceSampler
+from lightning_reweight.samplers.mixture import StreamMixture, draw_domains, uniform01
 from lightning_reweight.samplers.rs2 import RS2Sampler, rs2_cosine_schedule
 
 __all__ = [
@@ -23,13 +24,16 @@ __all__ = [
     "ImportanceSampler",
     "TemperatureSampler",
     "RS2Sampler",
+    "StreamMixture",
     "WeightedSampler",
     "build_alias_table",
+    "draw_domains",
     "draw_alias",
     "draw_weighted",
     "epoch_generator",
     "rs2_cosine_schedule",
     "sequence_fingerprint",
+    "uniform01",
     "uniform_indices",
     "validate_weights",
 ]
