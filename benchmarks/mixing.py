@@ -39,7 +39,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import mean_std, parser, print_table, save_plot, setup_threads, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    legend_outside,
+    mean_std,
+    parser,
+    print_table,
+    save_plot,
+    setup_threads,
+    write_json,
+)
 
 METHODS = {
     "proportional": dict(mode="upsample", tau=1.0),
@@ -252,9 +260,9 @@ def main() -> None:
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("bits per byte (mean over languages and seeds)")
             ax.grid(alpha=0.3)
-        axes[0].legend()
+        legend_outside(axes[-1])
         fig.suptitle("Mixing language streams: temperature sampling vs upweighting vs Cooldown", y=1.04)
-        save_plot(fig, args.out, "mixing" + ("_quick" if args.quick else ""))
+        save_plot(fig, args.out, "mixing", quick=args.quick)
     except ImportError:  # pragma: no cover
         print("matplotlib missing: no plot")
     write_json(args.json, figures, table=table, text=text, high=high, low=low, sizes=dict(zip(names, sizes)),
