@@ -546,18 +546,11 @@ def combine(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, chec
     all zero (its scale would overflow float32)."""
     if checks.host:
         return _combine_host(proposals, batch, checks)
-    normalized: Tensor | None = None
-    raw: Tensor | None = None
-    for cb, w in proposals:
-        if w is None:
-            continue
-        low, high = w.aminmax()  # a NaN shows in both; -inf in the min, +inf in the max
+    def check(cb: Any, low: Tensor, high: Tensor) -> None:
         checks.within(low, 0.0, math.inf, _reject_weights(cb))
         checks.within(high, -math.inf, F32_MAX, _reject_weights(cb))
-        if cb.normalized:
-            normalized = w if normalized is None else normalized * w
-        else:
-            raw = w if raw is None else raw * w
+
+    normalized, raw = _factor_products(proposals, check)
     n = len(batch)
     if normalized is None and raw is None:
         checks.flush()
@@ -585,19 +578,30 @@ def combine(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, chec
     return weights
 
 
-def _combine_host(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, checks: Checks) -> Tensor:
-    """``combine`` on the CPU: every check read at once."""
+def _factor_products(proposals: list[tuple[Any, Tensor | None]],
+                     check: Callable[[Any, Tensor, Tensor], None]) -> tuple[Tensor | None, Tensor | None]:
+    """``check(cb, min, max)`` each proposal (a NaN shows in both; -inf in the min, +inf in the max), and return
+    the product of the ``normalized`` factors and the product of the others (``None`` where there is none)."""
     normalized: Tensor | None = None
     raw: Tensor | None = None
     for cb, w in proposals:
         if w is None:
             continue
-        low, high = w.aminmax()  # a NaN shows in both; -inf in the min, +inf in the max
-        checks.require(low.item() >= 0 and high.item() < math.inf, _reject_weights(cb))
+        low, high = w.aminmax()
+        check(cb, low, high)
         if cb.normalized:
             normalized = w if normalized is None else normalized * w
         else:
             raw = w if raw is None else raw * w
+    return normalized, raw
+
+
+def _combine_host(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, checks: Checks) -> Tensor:
+    """``combine`` on the CPU: every check read at once."""
+    def check(cb: Any, low: Tensor, high: Tensor) -> None:
+        checks.require(low.item() >= 0 and high.item() < math.inf, _reject_weights(cb))
+
+    normalized, raw = _factor_products(proposals, check)
     n = len(batch)
     if normalized is None and raw is None:
         return torch.ones(n, dtype=torch.float32, device=batch.losses.device)
