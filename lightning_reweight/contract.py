@@ -28,6 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric import Fabric
+from lightning.fabric.wrappers import _FabricModule
 from torch import Tensor, nn
 
 from lightning_reweight.callbacks.base import weighting_callbacks
@@ -40,7 +42,7 @@ __all__ = ["reduce_loss", "MissingIndexError", "StepInputError"]
 def _fabric_of(module: Any) -> tuple[Any, Any] | None:
     """``(fabric, module)`` when ``module`` runs under Lightning Fabric (a LightningModule set up by
     ``fabric.setup``, or its ``_FabricModule`` wrapper), else ``None``."""
-    inner = getattr(module, "module", None) if type(module).__name__ == "_FabricModule" else module
+    inner = module.module if isinstance(module, _FabricModule) else module
     fabric = getattr(inner, "_fabric", None) if isinstance(inner, pl.LightningModule) else None
     if fabric is not None:
         return fabric, inner
@@ -126,7 +128,7 @@ def reduce_loss(
     extras_ = dict(extras)
     if isinstance(module, Reweighter):
         return module.reduce(losses, index, group=group, target=target, **extras_)
-    if type(module).__name__ == "Fabric" and hasattr(module, "_callbacks"):
+    if isinstance(module, Fabric):
         return Reweighter.for_fabric(module).reduce(losses, index, group=group, target=target, **extras_)
     under_fabric = _fabric_of(module)
     if under_fabric is not None:

@@ -313,15 +313,18 @@ class Checks:
         else:
             self.within(ok.reshape(()), 1, 1, fail)  # a bool tensor: True == 1
 
-    def within(self, value: Tensor, low: float, high: float, fail: Callable[[], None]) -> None:
-        """``fail()`` raises unless ``low <= value <= high`` (a NaN value fails); ``value`` is 0-d."""
+    def within(self, value: Tensor, low: float, high: float, fail: Callable[[], None]) -> int | None:
+        """``fail()`` raises unless ``low <= value <= high`` (a NaN value fails); ``value`` is 0-d. In device
+        ``sync`` mode returns the value's slot in the list the next ``flush`` returns."""
         if self.host:
             if not low <= value.item() <= high:
                 fail()
         elif self.sync:
             self._pending.append((value, low, high, fail))
+            return len(self._pending) - 1
         else:
             self.deferred.append((value, low, high))
+        return None
 
     def read(self, value: Tensor) -> int:
         """Read ``value`` at the next ``flush`` (device ``sync`` mode, no check); returns its slot in the list
@@ -561,8 +564,7 @@ def combine(proposals: list[tuple[Any, Tensor | None]], batch: GlobalBatch, chec
         if raw is None:
             checks.within(total, -math.inf, F32_MAX, _fail_overflow)
             if checks.sync:  # read with the checks: scale on the host, as the CPU path does
-                checks.within(total, F32_TINY, math.inf, _fail_all_zero)
-                at = len(checks._pending) - 1
+                at = checks.within(total, F32_TINY, math.inf, _fail_all_zero)
                 value = checks.flush()[at]
                 return normalized * (n / value if value > 0 else 1.0)
             checks.within(total, least, math.inf, _fail_all_zero)
