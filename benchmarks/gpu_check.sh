@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 13): run it whenever a GPU machine is available.
+# The GPU check: run it whenever a GPU machine is available.
 #
 #   benchmarks/gpu_check.sh OUT_DIR              # on a machine with CUDA: fails fast without one
 #   benchmarks/gpu_check.sh OUT_DIR --cpu-smoke  # the same fit on CPU for a few steps (tests the script)
@@ -11,11 +11,15 @@
 #      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn")); next to it
 #      benchmarks/op_count.py        -> op_count.json: the tensor ops (kernel launches) of one step per callback,
 #      counted on the meta device (ops_<callback>_sync / ops_<callback>_nosync; no GPU needed)
-#   3. benchmarks/overhead.py        -> overhead.json, overhead.log   (with --accelerator gpu if it takes one)
+#   3. benchmarks/overhead.py        -> overhead.json, overhead.log   (with --accelerator gpu if it takes one);
+#      the same with LossReweighting(compile=...) -> overhead_compiled.json (mode "default") and
+#      overhead_cudagraphs.json (mode "reduce-overhead"); benchmarks/compile_step.py --device cuda ->
+#      compile_step.json: launches, step time and agreement of the compiled step against the eager one
 #   4. benchmarks/sampler_speed.py   -> sampler_speed.json, sampler_speed.log
 #   5. benchmarks/fsdp_check.py      -> fsdp.json, fsdp.log: FSDP vs DDP on every visible GPU
 # plus nvidia-smi.txt and summary.txt (every figure, one per line). In --cpu-smoke mode only step 2 runs
-# (the fit on CPU, 4 steps, and the op count), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 3-4 with --quick.
+# (the fit on CPU, 4 steps, and the op count), unless GPU_CHECK_SMOKE_BENCHMARKS=1 adds steps 3-4 with --quick
+# (and compile_step.py --quick on the CPU).
 # Environment: PYTHON (default: python), GPU_CHECK_QUICK=1 passes --quick to every benchmark,
 # GPU_CHECK_STEP_TIMEOUT=SECONDS stops a step that runs longer (it counts as failed; the next step runs),
 # GPU_CHECK_SAMPLER_ARGS adds arguments to sampler_speed.py (e.g. "--sizes 1e7" for a short run: the full one
@@ -84,6 +88,7 @@ if [ "$SMOKE" = "1" ]; then
   if [ "${GPU_CHECK_SMOKE_BENCHMARKS:-0}" = "1" ]; then
     step overhead "$PY" benchmarks/overhead.py --quick --json "$OUT/overhead.json" --out "$OUT"
     step sampler_speed "$PY" benchmarks/sampler_speed.py --quick --json "$OUT/sampler_speed.json" --out "$OUT"
+    step compile_step "$PY" benchmarks/compile_step.py --quick --device cpu --json "$OUT/compile_step.json" --out "$OUT"
   fi
   step gpu_fit "$PY" benchmarks/gpu_fit.py --device cpu --steps 4 --batch-size 32 --json "$OUT/gpu_fit.json"
   step op_count "$PY" benchmarks/op_count.py --quick --json "$OUT/op_count.json"
@@ -98,6 +103,11 @@ else
   step gpu_fit "$PY" benchmarks/gpu_fit.py --device cuda "${QUICK[@]}" --json "$OUT/gpu_fit.json"
   step op_count "$PY" benchmarks/op_count.py --quick --json "$OUT/op_count.json"
   step overhead "$PY" benchmarks/overhead.py "${QUICK[@]}" "${OVERHEAD_ARGS[@]}" --json "$OUT/overhead.json" --out "$OUT"
+  step compile_step "$PY" benchmarks/compile_step.py "${QUICK[@]}" --device cuda --json "$OUT/compile_step.json" --out "$OUT"
+  step overhead_compiled "$PY" benchmarks/overhead.py "${QUICK[@]}" "${OVERHEAD_ARGS[@]}" --compile default \
+    --json "$OUT/overhead_compiled.json" --out "$OUT/compiled"
+  step overhead_cudagraphs "$PY" benchmarks/overhead.py "${QUICK[@]}" "${OVERHEAD_ARGS[@]}" --compile reduce-overhead \
+    --json "$OUT/overhead_cudagraphs.json" --out "$OUT/cudagraphs"
   read -r -a SAMPLER_ARGS <<< "${GPU_CHECK_SAMPLER_ARGS:-}"
   step sampler_speed "$PY" benchmarks/sampler_speed.py "${QUICK[@]}" "${SAMPLER_ARGS[@]}" --json "$OUT/sampler_speed.json" --out "$OUT"
   step fsdp "$PY" benchmarks/fsdp_check.py --steps 4 --json "$OUT/fsdp.json"

@@ -7,12 +7,14 @@ training step alternates: even steps reduce with a plain ``losses.mean()``, odd 
 median reweighted step to the median plain step over all steps after warm-up. A second table times
 the per-step table update at growing N to show it does not grow with the data set (O(batch) per step).
 
-    python benchmarks/overhead.py [--quick] [--json PATH] [--accelerator cpu|gpu] [--no-sync-checks]
+    python benchmarks/overhead.py [--quick] [--json PATH] [--accelerator cpu|gpu] [--no-sync-checks] [--compile MODE]
 
 ``--accelerator gpu`` (what ``benchmarks/gpu_check.sh`` passes) runs the same on one CUDA GPU: the step timer
 synchronises the device at the start and end of each step, the per-sample table lives on the GPU (the device
 path) and the ``reduce_loss`` and table-update probes time CUDA tensors. ``--no-sync-checks`` passes
 ``sync_checks=False``, so the callback reads nothing back to the host per step (see docs/getting-started.md, "On a GPU").
+``--compile MODE`` passes ``compile=MODE`` (a ``torch.compile`` mode, e.g. ``default`` or ``reduce-overhead``): the rule
+and the table's merge run compiled (docs/gpu.md); the compilation happens in the warm-up steps.
 
 JSON figures: ``overhead_ratio`` (reweighted / plain median step time), ``reduce_loss_ms`` (the contract
 path's own cost per call), ``implied_overhead_ratio`` (1 + that / plain step), ``table_update_ms_1e7``.
@@ -41,7 +43,11 @@ def main() -> None:
                    help="'gpu': one CUDA device (step timer synchronises; table and probes on the GPU)")
     p.add_argument("--no-sync-checks", action="store_true",
                    help="LossReweighting(sync_checks=False): no host read of the validation results per step")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune",
+                                                         "max-autotune-no-cudagraphs"],
+                   help="LossReweighting(compile=MODE): the rule and the table's merge through torch.compile")
     args = p.parse_args()
+    compile_mode = False if args.compile == "none" else args.compile
     args.steps += args.steps % 2  # even: as many plain as reweighted steps
     setup_threads(args.threads)
     if args.quick:
@@ -93,7 +99,7 @@ def main() -> None:
         pl.seed_everything(0, verbose=False)
         timer = StepTimer()
         callbacks = [LossReweighting("linupper", warmup_steps=0, log_every_n_steps=10,
-                                     sync_checks=not args.no_sync_checks), timer]
+                                     sync_checks=not args.no_sync_checks, compile=compile_mode), timer]
         trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps + warm, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=callbacks)
@@ -119,7 +125,8 @@ def main() -> None:
     probe = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False,
                        callbacks=[LossReweighting("linupper", warmup_steps=0, num_samples=n,
-                                                       sync_checks=not args.no_sync_checks)])
+                                                       sync_checks=not args.no_sync_checks,
+                                                       compile=compile_mode)])
     mod = ImageClassifier(args.model, num_classes=10, in_chans=3, scheduler="none").to(device)
     probe.strategy.connect(mod)
     mod.trainer = probe

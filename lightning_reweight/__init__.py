@@ -1,5 +1,6 @@
 """lightning_reweight: decide how much each training sample counts and how often it is drawn."""
 
+from lightning_reweight._compile import CompileFallbackWarning
 from lightning_reweight.callbacks import (
     EATA,
     AdaWAC,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaWAC",
+    "CompileFallbackWarning",
     "EATA",
     "FairErrorBoundScaling",
     "GroupBalancing",

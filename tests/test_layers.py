@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: ``data.indexed`` overrides its package; the longest matching key wins). Keep docs/ARCHITECTURE.md in step.
 FLOORS: dict[str, float] = {
     "_numba": 0,  # optional numba import
+    "_compile": 0,  # the optional torch.compile path (pure functions, eager fallback)
     "distributed": 0,  # O(batch) gathers across ranks
     "sequence": 0,  # per-token -> per-sequence losses
     "state": 1,  # per-sample table, checkpoint readers, stream keys

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_reweight._compile import resolve_compile
 from lightning_reweight.callbacks._restore import checkpoint_entry, warn_unmatched
 from lightning_reweight.callbacks.logging import log_weight_stats
 from lightning_reweight.engine import TWO_LINES, DeferredChecks, GlobalBatch
@@ -116,6 +117,9 @@ class WeightingCallback(Callback):
             reads; on a GPU these are the step's only host synchronisations). ``False`` defers the checks to
             the end of the epoch / the next checkpoint: no host sync per step, but a bad step is reported late
             and its state changes are kept.
+        compile: run the step's pure parts (a subclass's rule, the table's merge) through ``torch.compile``:
+            ``True`` (mode ``"default"``) or a mode name (``"reduce-overhead"``: CUDA graphs). Falls back to the
+            eager code with a ``CompileFallbackWarning`` where compilation is unavailable (docs/gpu.md).
     """
 
     #: whether ``compute_weights`` returns weights with mean 1 over the global batch
@@ -133,7 +137,8 @@ class WeightingCallback(Callback):
 
     def __init__(self, num_samples: int | None = None, track_samples: bool = True, ema_decay: float = 0.9,
                  log_every_n_steps: int = 50, log_histogram: bool = True, name: str | None = None, *,
-                 fresh_table: bool = False, device: str | torch.device = "auto", sync_checks: bool = True):
+                 fresh_table: bool = False, device: str | torch.device = "auto", sync_checks: bool = True,
+                 compile: bool | str = False):
         if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                         or num_samples <= 0):
             raise ValueError(f"Expected argument `num_samples` to be a positive int or None, but got {num_samples!r}.")
@@ -152,6 +157,7 @@ class WeightingCallback(Callback):
         self.fresh_table = bool(fresh_table)
         self.device = device if device == "auto" else torch.device(device)
         self.sync_checks = bool(sync_checks)
+        self.compile_mode = resolve_compile(compile)
         self.table: SampleStateTable | None = None
         self._pending_table_state: tuple[int, dict[str, Column], dict[str, Tensor]] | None = None
         self._train_size: int | None = None
@@ -318,6 +324,8 @@ class WeightingCallback(Callback):
             table = SampleStateTable(n, ema_decay=self.ema_decay, device=device)
         for name, spec in self.extra_columns().items():
             table.add_column(name, spec)
+        if self.compile_mode is not None:
+            table.compile(self.compile_mode)
         self.table = table
         return self.table
 

@@ -43,6 +43,7 @@ __all__ = [
     "extremes_score",
     "softmax_weights",
     "loss_based_weights",
+    "loss_based_weights_tensors",
     "kl_dro_weights",
     "effective_sample_size",
     "clip_weights",
@@ -163,6 +164,21 @@ def loss_based_weights(
     if strategy not in _SCORES:
         raise ValueError(f"Expected argument `strategy` to be one of {sorted(_SCORES)}, but got {strategy!r}.")
     score = _SCORES[strategy](minmax_normalize(losses, delta), delta)
+    return softmax_weights(score if direction == "up" else -score, r)
+
+
+def loss_based_weights_tensors(
+    losses: Tensor,
+    strategy: Strategy = "linupper",
+    delta: float = 1.0,
+    r: float = 0.4,
+    direction: Direction = "up",
+) -> Tensor:
+    """``loss_based_weights`` with tensor operations only, on any device: the GPU path's numbers (min-max in
+    float64 from 0-d tensors) without its shared-range cache, so ``torch.compile`` can trace it."""
+    x = losses.double()
+    lo, hi = x.aminmax()
+    score = _SCORES[strategy](_minmax_tensors(losses, x, lo, hi, delta, 1e-6), delta)
     return softmax_weights(score if direction == "up" else -score, r)
 
 

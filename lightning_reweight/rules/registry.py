@@ -20,6 +20,8 @@ from lightning_reweight.rules.instance import (
     kl_dro_weights,
     log_mean_exp,
     loss_based_weights,
+    loss_based_weights_tensors,
+    softmax_weights,
 )
 from lightning_reweight.state.validate import CheckpointStateError, as_float
 
@@ -64,6 +66,20 @@ class Rule:
         """Apply the state change ``propose`` returned."""
         return None
 
+    def tensor_state(self, device: torch.device) -> Tensor | None:
+        """The rule's state as ``propose_tensors`` takes it (a tensor on ``device``, or ``None``)."""
+        return None
+
+    def propose_tensors(self, losses: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``propose`` with tensor operations only: no host read, no Python state read or written, so that
+        ``torch.compile`` can trace it (``LossReweighting(compile=True)``). ``state`` is ``tensor_state()``; returns
+        the weights and the pending state ``commit`` takes. The losses are already validated. A rule without it
+        runs only eagerly."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no tensor-only step (`propose_tensors`), so it cannot be compiled. Implement "
+            "`propose_tensors(losses, state)` (and `tensor_state(device)` for a stateful rule), or use `compile=False`."
+        )
+
     def weights(self, losses: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -83,6 +99,9 @@ class UniformRule(Rule):
 
     def weights(self, losses: Tensor) -> Tensor:
         return torch.ones_like(losses)
+
+    def propose_tensors(self, losses: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return torch.ones_like(losses), None
 
 
 class LossBasedRule(Rule):
@@ -110,6 +129,9 @@ class LossBasedRule(Rule):
 
     def weights(self, losses: Tensor) -> Tensor:
         return loss_based_weights(losses, self.strategy, self.delta, self.r, self.direction)
+
+    def propose_tensors(self, losses: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return loss_based_weights_tensors(losses, self.strategy, self.delta, self.r, self.direction), None
 
 
 class KLDRORule(Rule):
@@ -225,6 +247,30 @@ class KLDRORule(Rule):
         z *= math.exp(shift - log_z)
         weights = torch.from_numpy(z if losses.dtype == torch.float64 else z.astype(np.float32))
         return (weights if weights.dtype == losses.dtype else weights.to(losses.dtype)), log_z
+
+    def tensor_state(self, device: torch.device) -> Tensor | None:
+        """``log Z`` as a 0-d float64 tensor on ``device`` (``None`` before the first step or with ``"batch"``)."""
+        if self.normalizer == "batch" or self._log_z is None:
+            return None
+        if isinstance(self._log_z, Tensor) and self._log_z.device == device:
+            return self._log_z
+        return torch.as_tensor(float(self._log_z), dtype=torch.float64).to(device)
+
+    def propose_tensors(self, losses: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        z = losses.double() / self.r
+        if self.direction != "up":
+            z = -z
+        if self.normalizer == "batch":
+            return softmax_weights(z, 1.0).to(losses.dtype), None
+        if state is not None and self.outlier_cap is not None:
+            z = z.clamp(max=state + math.log(self.outlier_cap))
+        batch_z = log_mean_exp(z)
+        if state is None or self.ema_rate == 1:
+            log_z = batch_z
+        else:
+            a = self.ema_rate
+            log_z = torch.logaddexp(math.log1p(-a) + state, math.log(a) + batch_z)
+        return torch.exp(z - log_z).to(losses.dtype), log_z
 
     def commit(self, pending: Any) -> None:
         if pending is not None:  # a 0-d tensor from a GPU step stays there (read at logging / checkpointing)

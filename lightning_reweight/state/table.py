@@ -127,6 +127,51 @@ class Repeats:
 PAIR_MERGE_ROWS = 1024
 
 
+def merged_values(index: Tensor, values: tuple[Tensor, ...], olds: tuple[Tensor | None, ...],
+                  layout: tuple[tuple[torch.dtype, torch.dtype, float | None], ...], unique: bool
+                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The new values of a device-style update's ``last``/``ema`` columns and the rows to write them at, computed
+    as ``SampleStateTable._update_fixed_shape`` does, as a pure function (tensor operations only, no state): what
+    ``SampleStateTable.compile`` runs through ``torch.compile``.
+
+    Args:
+        index: ``(B,)`` int64 rows of the update.
+        values: each column's ``(B,)`` values.
+        olds: each ``ema`` column's current values at ``index`` (``None`` for a ``last`` column).
+        layout: per column ``(value dtype, column dtype, ema decay or None)``.
+        unique: no index repeats (known from the step's checks): the values are written as they are.
+
+    Returns:
+        ``(rows, new values per column)``: a repeated sample's entries replaced by their mean (float64 sums),
+        ``ema`` columns stepped with ``torch.lerp`` (a never-seen ``NaN`` entry takes the value).
+    """
+    parts = [v.detach().reshape(-1).to(value_dtype) for v, (value_dtype, _, _) in zip(values, layout)]
+    rows = index
+    if unique:
+        means = [p.to(col_dtype) for p, (_, col_dtype, _) in zip(parts, layout)]
+    else:
+        b, k = index.numel(), len(parts)
+        stacked = torch.stack([p.double() for p in parts], 1)
+        if b <= PAIR_MERGE_ROWS:  # (B, B) 0/1 matrix times [values | 1]: sums and occurrences in one product
+            ones = torch.ones(b, 1, dtype=torch.float64, device=index.device)
+            sums = (index[:, None] == index[None, :]).double() @ torch.cat([stacked, ones], 1)
+            mean = sums[:, :k] / sums[:, k:]
+        else:  # sort once: a sample seen once keeps its value exactly, repeats take their mean
+            rows, perm = torch.sort(index, stable=True)
+            left = torch.searchsorted(rows, rows)
+            right = torch.searchsorted(rows, rows, right=True)
+            occurrences = (right - left).unsqueeze(1)
+            vs = stacked[perm]
+            csum = torch.nn.functional.pad(torch.cumsum(vs, 0), (0, 0, 1, 0))
+            mean = torch.where(occurrences == 1, vs, (csum[right] - csum[left]) / occurrences)
+            olds = tuple(None if old is None else old[perm] for old in olds)
+        means = [mean[:, j].to(value_dtype).to(col_dtype) for j, (value_dtype, col_dtype, _) in enumerate(layout)]
+    out = []
+    for new, old, (_, _, decay) in zip(means, olds, layout):
+        out.append(new if decay is None else torch.where(torch.isnan(old), new, torch.lerp(old, new, 1 - decay)))
+    return rows, tuple(out)
+
+
 class BatchIndex:
     """What one step knows about its index, shared by the table updates of the step (a device table's merge).
 
@@ -430,6 +475,9 @@ class SampleStateTable:
                 raise ValueError(
                     f"Expected {b} values for column {name!r} (one per index), but got {val.numel()}."
                 )
+        if self.compiled is not None:
+            self._update_graph(index, values, info)
+            return None
         if self.device.type == "cpu" and not self._fixed_shape_only:
             ix = index.numpy()
             repeats = self._update_compiled(ix, values)
@@ -457,7 +505,6 @@ class SampleStateTable:
         are written directly; otherwise the means come from one float64 product with the ``(B, B)`` pair matrix
         (``PAIR_MERGE_ROWS``) or from a stable sort and prefix sums, for every such column at once. EMA columns
         step with ``torch.lerp`` (as the CPU path). Values fed to several columns of one dtype convert once."""
-        b = index.numel()
         converted: dict[tuple[int, torch.dtype], Tensor] = {}
 
         def as_column(name: str) -> Tensor:
@@ -469,12 +516,7 @@ class SampleStateTable:
             return found
 
         merged = [name for name in values if self.specs[name].kind in ("last", "ema")]
-        for name in values:
-            spec, col = self.specs[name], self.columns[name]
-            if spec.kind == "sum":
-                col.index_add_(0, index, as_column(name))
-            elif spec.kind == "max":
-                col.scatter_reduce_(0, index, as_column(name), "amax", include_self=True)
+        self._accumulate(index, values, as_column)
         targets, rows = {}, index
         if merged and info is not None and info.unique:
             targets = {name: as_column(name) for name in merged}
@@ -487,10 +529,56 @@ class SampleStateTable:
             else:  # ema; NaN (never seen) entries take the first value
                 old = col[rows]
                 col.index_put_((rows,), torch.where(torch.isnan(old), mean, torch.lerp(old, mean, 1 - spec.decay)))
+        self._count(index)
+
+    def _accumulate(self, index: Tensor, values: dict[str, Tensor], as_column: Any) -> None:
+        """The ``sum`` and ``max`` columns of an update, in place (``as_column(name)``: the values to add)."""
+        for name in values:
+            spec, col = self.specs[name], self.columns[name]
+            if spec.kind == "sum":
+                col.index_add_(0, index, as_column(name))
+            elif spec.kind == "max":
+                col.scatter_reduce_(0, index, as_column(name), "amax", include_self=True)
+
+    def _count(self, index: Tensor) -> None:
+        """Every ``count`` column advances by the occurrences of each index."""
         for name, spec in self.specs.items():
             if spec.kind == "count":
                 col = self.columns[name]
-                col.index_add_(0, index, self._ones(b, col.dtype))
+                col.index_add_(0, index, self._ones(index.numel(), col.dtype))
+
+    # ------------------------------------------------------------------ the compiled update
+    def compile(self, mode: str = "default") -> SampleStateTable:
+        """Merge the ``last``/``ema`` columns of later device-style updates in one ``torch.compile``d pure function
+        (``merged_values``; on the CPU too, instead of the numba kernel), then write them with one ``index_put_``
+        per column. Falls back to the eager function with a ``CompileFallbackWarning`` when compilation fails.
+        Returns ``self``."""
+        from lightning_reweight._compile import CompiledFunction
+
+        self._graph = CompiledFunction(merged_values, mode, "the per-sample table's update")
+        return self
+
+    @property
+    def compiled(self) -> Any:
+        """The compiled merge (``compile``), or ``None``."""
+        return self.__dict__.get("_graph")
+
+    def _update_graph(self, index: Tensor, values: dict[str, Tensor], info: BatchIndex | None) -> None:
+        """``update`` through the compiled merge: ``sum``/``max`` and ``count`` columns as in ``_update_fixed_shape``;
+        the ``last``/``ema`` columns' new values at their rows from ``merged_values`` (which reads their old values
+        at the batch's rows, gathered here: O(batch) inputs), written in place."""
+        values = {k: v.detach().reshape(-1).to(self.device) for k, v in values.items()}
+        self._accumulate(index, values, lambda name: values[name].to(_value_dtype(self.columns[name])))
+        merged = [name for name in values if self.specs[name].kind in ("last", "ema")]
+        if merged:
+            layout = tuple((_value_dtype(self.columns[n]), self.columns[n].dtype,
+                            self.specs[n].decay if self.specs[n].kind == "ema" else None) for n in merged)
+            olds = tuple(self.columns[n][index] if self.specs[n].kind == "ema" else None for n in merged)
+            unique = bool(info is not None and info.unique)
+            rows, news = self.compiled(index, tuple(values[n] for n in merged), olds, layout, unique)
+            for name, new in zip(merged, news):
+                self.columns[name].index_put_((rows,), new)
+        self._count(index)
 
     def _merge_repeats(self, index: Tensor, merged: list[str], values: dict[str, Tensor],
                        info: BatchIndex | None) -> tuple[dict[str, Tensor], Tensor]:

@@ -114,3 +114,32 @@ def test_padding_rows_are_not_recorded_in_the_table():
     reduce_loss(module, losses, torch.tensor([0, 1, 2, 3]), valid=torch.tensor([True, True, False, True]))
     assert cb.table["count"].tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
     assert torch.isnan(cb.table["loss"][2]) or cb.table["loss"][2] != 0
+
+
+def test_the_valid_rows_are_found_once_per_step():
+    """The rule's valid rows serve the table write too: one ``nonzero`` (on a GPU, the one host read the mask
+    costs) per step, not a second ``all`` and ``nonzero`` at the commit."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_reweight import Reweighter
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    cb = LossReweighting("linupper", warmup_steps=0, num_samples=8)
+    reweighter = Reweighter([cb])
+    for valid in ([True, False, True, True], [True] * 4):
+        losses = torch.tensor([1.0, 2.0, 0.5, 3.0], requires_grad=True)
+        counter = Count()
+        with counter:
+            reweighter.reduce(losses, torch.tensor([0, 1, 2, 3]), valid=torch.tensor(valid))
+        assert counter.ops["nonzero"] == 1 and counter.ops["all"] == 0, counter.ops
+    assert cb.table["count"].tolist() == [2, 1, 2, 2, 0, 0, 0, 0]

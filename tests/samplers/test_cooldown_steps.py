@@ -1,4 +1,4 @@
-"""Cooldown with ``unit="step"`` counts real batches (issue 10, item 7): 100 samples, batch 32, 10 epochs = 4
+"""Cooldown with ``unit="step"`` counts real batches: 100 samples, batch 32, 10 epochs = 4
 batches per epoch (the last one holds 4 samples), 40 steps; the switch at one half lands at step 20 in both
 upsample and upweight mode (it used to land at step 25 in upsample mode, counting full batches)."""
 

@@ -1,4 +1,4 @@
-"""Elastic resume (issue 10, item 1): a mid-epoch checkpoint written by W1 processes, resumed on W2, continues
+"""Elastic resume: a mid-epoch checkpoint written by W1 processes, resumed on W2, continues
 with exactly the rest of the interrupted epoch (the same multiset of samples) and later epochs equal an
 uninterrupted W2 run; for WeightedSampler (+ LossReweighting, whose table continues), RS2Sampler,
 GroupBalancing's TemperatureSampler (step-unit Cooldown) and ImportanceSampling; 1 -> 2, 2 -> 1, 2 -> 3, and a

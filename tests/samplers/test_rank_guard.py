@@ -1,4 +1,4 @@
-"""Cross-rank guard (issue 10, item 8) on 2 "nodes" x 1 CPU process, where node 1's process has global rank 1
+"""Cross-rank guard on 2 "nodes" x 1 CPU process, where node 1's process has global rank 1
 but local rank 0: each rank trains its own rows (global-rank shards) and the guard passes; a rank that plans
 another sequence or holds a diverged table is caught on every rank, naming the ranks."""
 

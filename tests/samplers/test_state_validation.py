@@ -1,4 +1,4 @@
-"""Checkpointed sampler / sampling-callback state is validated before use (issue 10, item 3): a bad entry raises
+"""Checkpointed sampler / sampling-callback state is validated before use: a bad entry raises
 ``CheckpointStateError`` naming the key, and nothing is half restored. Also the atomic-step protocol (item 4):
 a step rejected by a later callback leaves GroupBalancing's and ImportanceSampling's state unchanged."""
 

@@ -1,0 +1,60 @@
+"""2 processes (gloo), a plain loop with ``LossReweighting(compile=True)``: first both ranks compile; then rank 1's
+compilation fails (no C++ compiler) and both ranks fall back to the eager code together."""
+
+import json
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lightning_reweight import LossReweighting, Reweighter
+from lightning_reweight._compile import CompileFallbackWarning
+from tests.doors._common import N, Tiny, data, global_batches
+
+
+def train(rank: int, world: int) -> tuple[LossReweighting, list[str]]:
+    cb = LossReweighting("kl_dro", normalizer="ema", max_weight=3.0, num_samples=N, log_every_n_steps=0,
+                         compile=True)
+    model = torch.nn.parallel.DistributedDataParallel(Tiny())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    reweighter = Reweighter([cb], model=model)
+    x, y = data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompileFallbackWarning)
+        for index in global_batches(2):
+            local = index[rank::world]
+            loss = reweighter.reduce(F.cross_entropy(model(x[local]), y[local], reduction="none"), local)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return cb, [str(w.message) for w in caught if issubclass(w.category, CompileFallbackWarning)]
+
+
+def main(rank: int, world: int, port: int, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for phase in ("compiled", "rank1_fails"):
+        if phase == "rank1_fails":
+            torch._dynamo.reset()  # the compiled code of the first phase is not reused
+            if rank == 1:
+                torch._inductor.config.fx_graph_cache = False
+                torch._inductor.config.cpp.cxx = ("/nonexistent/c++",)
+        cb, warned = train(rank, world)
+        torch.save({k: v.clone() for k, v in cb.table.state_dict()["columns"].items()}, out / f"{phase}_{rank}.pt")
+        results[phase] = {"rule_compiled": cb._rule_graph.compiled, "table_compiled": cb.table.compiled.compiled,
+                          "warnings": warned, "log_z": cb.rule.log_normalizer}
+    (out / f"results_{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(main, args=(2, port, out), nprocs=2)
