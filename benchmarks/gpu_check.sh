@@ -6,7 +6,8 @@
 #   GPU_CHECK_CPU_SMOKE=1 benchmarks/gpu_check.sh OUT_DIR   # same as --cpu-smoke
 #
 # Runs, writing JSON and logs to OUT_DIR (correctness first, so a cut-short run still answers it):
-#   1. the CUDA tests (a GPU step of every callback under set_sync_debug_mode("error"))  -> cuda_tests.log
+#   1. the CUDA tests (a GPU step of every callback under set_sync_debug_mode("error"), the compiled step on the
+#      GPU against the eager one)  -> cuda_tests.log
 #   2. benchmarks/gpu_fit.py         -> gpu_fit.json, gpu_fit.log: a one-GPU fit with every callback, median
 #      step time and host syncs per step (torch.cuda.set_sync_debug_mode("warn")); next to it
 #      benchmarks/op_count.py        -> op_count.json: the tensor ops (kernel launches) of one step per callback,
@@ -98,7 +99,8 @@ else
   if "$PY" benchmarks/overhead.py --help 2>/dev/null | grep -q -- "--accelerator"; then
     OVERHEAD_ARGS=(--accelerator gpu)
   fi
-  step cuda_tests "$PY" -m pytest tests/callbacks/test_device_path.py tests/core/test_device.py -rs \
+  step cuda_tests "$PY" -m pytest tests/callbacks/test_device_path.py tests/core/test_device.py \
+    "tests/core/test_compile.py::test_the_compiled_step_on_a_gpu_equals_the_eager_one" -rs \
     -p no:cacheprovider
   step gpu_fit "$PY" benchmarks/gpu_fit.py --device cuda "${QUICK[@]}" --json "$OUT/gpu_fit.json"
   step op_count "$PY" benchmarks/op_count.py --quick --json "$OUT/op_count.json"

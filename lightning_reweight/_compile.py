@@ -9,9 +9,10 @@ the non-tensor arguments; not the sizes) exchanges whether the compilation faile
 all-reduce, once per kind), and if it did every rank runs eagerly, so the per-sample state stays identical on
 every rank (the compiled and the eager numbers differ by float rounding).
 
-With a CUDA-graph mode (``"reduce-overhead"``, ``"max-autotune"``) on a CUDA tensor, each call starts a new
-CUDA-graph step and its outputs are copied once (the graph's own output buffers are reused by its next replay,
-and callers keep the weights past the step).
+With a CUDA-graph mode (``"reduce-overhead"``, ``"max-autotune"``) on a CUDA tensor, the outputs of each call are
+copied once (the graph's own output buffers are reused by its next replay, and callers keep the weights past the
+step). No CUDA-graph step is marked (``torch.compiler.cudagraph_mark_step_begin`` would switch the whole process,
+the user's own compiled model included, to explicit step marks).
 """
 
 from __future__ import annotations
@@ -157,8 +158,6 @@ class CompiledFunction:
                                                fullgraph=True)
         if error is None:
             graphs = self.mode in _CUDA_GRAPH_MODES and _on_cuda(args)
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
             try:
                 out = self._compiled(*args)
             except _compile_errors() as err:

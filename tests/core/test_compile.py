@@ -79,6 +79,16 @@ def test_resolve_compile():
         LossReweighting(compile="fastest")
 
 
+def test_a_config_file_sets_it():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(LossReweighting, "callback")
+    for given, mode in (("true", "default"), ("false", None), ("reduce-overhead", "reduce-overhead")):
+        config = parser.parse_args([f"--callback.compile={given}"])
+        assert LossReweighting(**config.callback).compile_mode == mode
+
+
 @pytest.mark.parametrize("name,kw", [("linupper", {}), ("quadratic", {"direction": "down"}), ("extremes", {"delta": 2.0}),
                                      ("kl_dro", {}), ("kl_dro", {"normalizer": "ema", "direction": "down"}),
                                      ("uniform", {})])
@@ -329,3 +339,38 @@ def _one_process_ddp_reference():
         optimizer.step()
         optimizer.zero_grad()
     return {k: v.clone() for k, v in cb.table.state_dict()["columns"].items()}
+
+
+def test_cuda_graph_outputs_are_copied():
+    """With a CUDA-graph mode the outputs are copied (a graph's next replay reuses its buffers)."""
+    from lightning_reweight._compile import _copy_outputs, _on_cuda
+
+    a, b = torch.ones(3), torch.zeros(2)
+    out = _copy_outputs((a, (b, None), 2))
+    assert out[0] is not a and torch.equal(out[0], a) and out[1][0] is not b and out[1][1] is None and out[2] == 2
+    assert not _on_cuda((a, (b,), None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_the_compiled_step_on_a_gpu_equals_the_eager_one(mode):  # pragma: no cover - runs on a GPU machine
+    def run(compile):
+        torch.manual_seed(0)
+        cb = LossReweighting("kl_dro", normalizer="ema", max_weight=3.0, num_samples=200, log_every_n_steps=0,
+                             sync_checks=False, compile=compile)
+        reweighter = Reweighter([cb], model=torch.nn.Linear(1, 1).cuda())
+        g = torch.Generator().manual_seed(1)
+        kept = []
+        for index in _batches():
+            losses = (torch.rand(len(index), generator=g) * 4).cuda().requires_grad_()
+            reweighter.reduce(losses, index.cuda())
+            kept.append(cb.last_weights)  # kept past the step: must not be overwritten by the next replay
+        cb.check_deferred()
+        return cb, [w.cpu() for w in kept]
+
+    eager, compiled = run(False), run(mode)
+    assert compiled[0]._rule_graph.compiled and compiled[0].table.compiled.compiled
+    for x, y in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(y, x, **CLOSE)
+    for name, col in eager[0].table.columns.items():
+        torch.testing.assert_close(compiled[0].table.columns[name].cpu(), col.cpu(), **CLOSE)
