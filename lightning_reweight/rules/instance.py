@@ -43,7 +43,6 @@ __all__ = [
     "extremes_score",
     "softmax_weights",
     "loss_based_weights",
-    "loss_based_weights_tensors",
     "kl_dro_weights",
     "effective_sample_size",
     "clip_weights",
@@ -77,14 +76,18 @@ def check_losses(losses: Tensor) -> Tensor:
     return losses.detach().float()
 
 
-def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6) -> Tensor:
+def minmax_normalize(losses: Tensor, delta: float = 1.0, eps: float = 1e-6, *, traceable: bool = False) -> Tensor:
     """Map losses into ``[−δ, δ]``: ``δ(2ℓ − ℓ_max − ℓ_min) / max(ℓ_max − ℓ_min, eps)``.
 
-    All-equal losses map to 0 (then every strategy gives uniform weights). The range and the scale are
+    All-equal losses map to 0 (then every strategy gives uniform weights). ``traceable=True``: the device path's
+    tensor operations on any device, without its shared range cache (so ``torch.compile`` can trace it). The range and the scale are
     Python floats (on the CPU; 0-d float64 tensors elsewhere, without a host read) and the result is formed as ``ℓ·(2δ/range) − (ℓ_max + ℓ_min)·δ/range`` (float64 when that
     could overflow), so finite but huge losses (e.g. ``3e38`` in float32) cannot overflow
     ``2ℓ − ℓ_max − ℓ_min``; returned in the losses' dtype (the result lies in ``[−δ, δ]``).
     """
+    if traceable:  # the device path's numbers without its shared range (``torch.compile`` traces no cache)
+        x = losses.double()
+        return _minmax_tensors(losses, x, *x.aminmax(), delta, eps)
     if losses.device.type != "cpu":  # tensor ops only: no host synchronisation on a GPU
         return _minmax_normalize_device(losses, delta, eps)
     lo, hi = (float(v) for v in losses.aminmax())
@@ -159,26 +162,16 @@ def loss_based_weights(
     delta: float = 1.0,
     r: float = 0.4,
     direction: Direction = "up",
+    *,
+    traceable: bool = False,
 ) -> Tensor:
-    """Sow et al. (ICLR 2025) weights: ``B · softmax(±f(minmax(ℓ)) / r)``. Mean 1, non-negative."""
+    """Sow et al. (ICLR 2025) weights: ``B · softmax(±f(minmax(ℓ)) / r)``. Mean 1, non-negative.
+
+    ``traceable=True``: tensor operations only on any device (the GPU path's numbers), no host read and no shared
+    cache, so ``torch.compile`` can trace it."""
     if strategy not in _SCORES:
         raise ValueError(f"Expected argument `strategy` to be one of {sorted(_SCORES)}, but got {strategy!r}.")
-    score = _SCORES[strategy](minmax_normalize(losses, delta), delta)
-    return softmax_weights(score if direction == "up" else -score, r)
-
-
-def loss_based_weights_tensors(
-    losses: Tensor,
-    strategy: Strategy = "linupper",
-    delta: float = 1.0,
-    r: float = 0.4,
-    direction: Direction = "up",
-) -> Tensor:
-    """``loss_based_weights`` with tensor operations only, on any device: the GPU path's numbers (min-max in
-    float64 from 0-d tensors) without its shared-range cache, so ``torch.compile`` can trace it."""
-    x = losses.double()
-    lo, hi = x.aminmax()
-    score = _SCORES[strategy](_minmax_tensors(losses, x, lo, hi, delta, 1e-6), delta)
+    score = _SCORES[strategy](minmax_normalize(losses, delta, traceable=traceable), delta)
     return softmax_weights(score if direction == "up" else -score, r)
 
 
@@ -187,13 +180,16 @@ def kl_dro_weights(
     r: float = 1.0,
     direction: Direction = "up",
     log_normalizer: Tensor | float | None = None,
+    *,
+    traceable: bool = False,
 ) -> Tensor:
     """KL-DRO tilt ``w_i = exp(±ℓ_i / r) / Z``.
 
     With ``log_normalizer=None`` ``Z`` is the batch mean (weights average exactly 1); otherwise ``Z =
     exp(log_normalizer)`` (e.g. a running estimate of ``mean_i exp(±ℓ_i/r)`` over the data set).
+    ``traceable=True``: no shared cache, so ``torch.compile`` can trace it.
     """
-    z = _tilt(losses, r, direction)
+    z = _tilt(losses, r, direction, traceable)
     if log_normalizer is None:
         return softmax_weights(z, 1.0).to(losses.dtype)
     if not isinstance(log_normalizer, Tensor):
@@ -201,9 +197,10 @@ def kl_dro_weights(
     return torch.exp(z - log_normalizer).to(losses.dtype)
 
 
-def _tilt(losses: Tensor, r: float, direction: Direction) -> Tensor:
-    """``±ℓ/r`` in float64 (no overflow for huge finite losses)."""
-    z = (losses.double() if losses.device.type == "cpu" else double_range(losses)[0]) / r
+def _tilt(losses: Tensor, r: float, direction: Direction, traceable: bool = False) -> Tensor:
+    """``±ℓ/r`` in float64 (no overflow for huge finite losses); on a device from the step's shared float64 copy,
+    unless ``traceable`` (``torch.compile`` traces no cache)."""
+    z = (losses.double() if traceable or losses.device.type == "cpu" else double_range(losses)[0]) / r
     return z if direction == "up" else -z
 
 

@@ -20,8 +20,6 @@ from lightning_reweight.rules.instance import (
     kl_dro_weights,
     log_mean_exp,
     loss_based_weights,
-    loss_based_weights_tensors,
-    softmax_weights,
 )
 from lightning_reweight.state.validate import CheckpointStateError, as_float
 
@@ -131,7 +129,7 @@ class LossBasedRule(Rule):
         return loss_based_weights(losses, self.strategy, self.delta, self.r, self.direction)
 
     def propose_tensors(self, losses: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return loss_based_weights_tensors(losses, self.strategy, self.delta, self.r, self.direction), None
+        return loss_based_weights(losses, self.strategy, self.delta, self.r, self.direction, traceable=True), None
 
 
 class KLDRORule(Rule):
@@ -192,18 +190,22 @@ class KLDRORule(Rule):
         if losses.device.type == "cpu":
             return self._propose_ema_host(losses)
         # tensor ops only (no host synchronisation): ``log_z`` stays a 0-d tensor
-        z = _tilt(losses, self.r, self.direction)
-        if self._log_z is not None and self.outlier_cap is not None:
-            z = z.clamp(max=self._log_z + math.log(self.outlier_cap))
+        z = _tilt(losses, self.r, self.direction)  # (the float64 copy the step's finite check made)
+        weights, log_z = self._ema_tilt(z, self.tensor_state(z.device))
+        return weights.to(losses.dtype), log_z
+
+    def _ema_tilt(self, z: Tensor, log_z: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The EMA normaliser's step on the tilt ``z`` (float64) with tensor ops only: ``(exp(z − log Z'), log Z')``
+        from the previous ``log Z`` (a 0-d tensor, ``None`` before the first step)."""
+        if log_z is not None and self.outlier_cap is not None:
+            z = z.clamp(max=log_z + math.log(self.outlier_cap))
         batch_z = log_mean_exp(z)
-        if self._log_z is None or self.ema_rate == 1:
-            log_z_t = batch_z
+        if log_z is None or self.ema_rate == 1:
+            new = batch_z
         else:
             a = self.ema_rate
-            prev = torch.as_tensor(self._log_z, dtype=torch.float64).to(z.device) \
-                if not isinstance(self._log_z, Tensor) else self._log_z
-            log_z_t = torch.logaddexp(math.log1p(-a) + prev, math.log(a) + batch_z)
-        return torch.exp(z - log_z_t).to(losses.dtype), log_z_t
+            new = torch.logaddexp(math.log1p(-a) + log_z, math.log(a) + batch_z)
+        return torch.exp(z - new), new
 
     def _propose_ema_host(self, losses: Tensor) -> tuple[Tensor, float]:
         """The EMA step of a CPU batch, in float64 numpy (numpy's per-call overhead is a fraction of torch's).
@@ -257,20 +259,10 @@ class KLDRORule(Rule):
         return torch.as_tensor(float(self._log_z), dtype=torch.float64).to(device)
 
     def propose_tensors(self, losses: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        z = losses.double() / self.r
-        if self.direction != "up":
-            z = -z
         if self.normalizer == "batch":
-            return softmax_weights(z, 1.0).to(losses.dtype), None
-        if state is not None and self.outlier_cap is not None:
-            z = z.clamp(max=state + math.log(self.outlier_cap))
-        batch_z = log_mean_exp(z)
-        if state is None or self.ema_rate == 1:
-            log_z = batch_z
-        else:
-            a = self.ema_rate
-            log_z = torch.logaddexp(math.log1p(-a) + state, math.log(a) + batch_z)
-        return torch.exp(z - log_z).to(losses.dtype), log_z
+            return kl_dro_weights(losses, self.r, self.direction, traceable=True), None
+        weights, log_z = self._ema_tilt(_tilt(losses, self.r, self.direction, traceable=True), state)
+        return weights.to(losses.dtype), log_z
 
     def commit(self, pending: Any) -> None:
         if pending is not None:  # a 0-d tensor from a GPU step stays there (read at logging / checkpointing)

@@ -127,6 +127,38 @@ class Repeats:
 PAIR_MERGE_ROWS = 1024
 
 
+def _stacked64(parts: list[Tensor], ones: Tensor) -> Tensor:
+    """``[parts | ones]`` as a ``(B, k + 1)`` float64 matrix: one stack and one conversion when every part (and
+    ``ones``) has one dtype."""
+    if all(p.dtype == ones.dtype for p in parts):
+        return torch.stack([*parts, ones], 1).double()
+    return torch.stack([p.double() for p in parts] + [ones.double()], 1)
+
+
+def _repeat_means(index: Tensor, stacked: Tensor, pairs64: Tensor | None = None,
+                  order: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Each row's mean over the rows of its index, with fixed-shape ops: ``(rows, means (B, k), perm)``.
+
+    ``stacked`` is ``[values | 1]`` (``_stacked64``). Up to ``PAIR_MERGE_ROWS`` rows: the ``(B, B)`` 0/1 pair
+    matrix (``pairs64``, made here if not given) times ``stacked`` gives each sample's sums and occurrences in one
+    product (a sample seen once sums its own value and zeros, exactly); ``rows`` is ``index``, ``perm`` ``None``.
+    Larger batches sort once (``order``: ``torch.sort(index, stable=True)``, made here if not given) and take
+    prefix sums: ``rows`` is the sorted index, ``perm`` the sort's permutation, a sample seen once keeps its
+    value exactly."""
+    k = stacked.shape[1] - 1
+    if index.numel() <= PAIR_MERGE_ROWS:
+        pairs = pairs64 if pairs64 is not None else (index[:, None] == index[None, :]).double()
+        sums = pairs @ stacked
+        return index, sums[:, :k] / sums[:, k:], None
+    rows, perm = order if order is not None else torch.sort(index, stable=True)
+    left = torch.searchsorted(rows, rows)
+    right = torch.searchsorted(rows, rows, right=True)
+    occurrences = (right - left).unsqueeze(1)  # per sorted position: how often its sample occurs
+    vs = stacked[perm][:, :k]
+    csum = torch.nn.functional.pad(torch.cumsum(vs, 0), (0, 0, 1, 0))
+    return rows, torch.where(occurrences == 1, vs, (csum[right] - csum[left]) / occurrences), perm
+
+
 def merged_values(index: Tensor, values: tuple[Tensor, ...], olds: tuple[Tensor | None, ...],
                   layout: tuple[tuple[torch.dtype, torch.dtype, float | None], ...], unique: bool
                   ) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -150,20 +182,9 @@ def merged_values(index: Tensor, values: tuple[Tensor, ...], olds: tuple[Tensor 
     if unique:
         means = [p.to(col_dtype) for p, (_, col_dtype, _) in zip(parts, layout)]
     else:
-        b, k = index.numel(), len(parts)
-        stacked = torch.stack([p.double() for p in parts], 1)
-        if b <= PAIR_MERGE_ROWS:  # (B, B) 0/1 matrix times [values | 1]: sums and occurrences in one product
-            ones = torch.ones(b, 1, dtype=torch.float64, device=index.device)
-            sums = (index[:, None] == index[None, :]).double() @ torch.cat([stacked, ones], 1)
-            mean = sums[:, :k] / sums[:, k:]
-        else:  # sort once: a sample seen once keeps its value exactly, repeats take their mean
-            rows, perm = torch.sort(index, stable=True)
-            left = torch.searchsorted(rows, rows)
-            right = torch.searchsorted(rows, rows, right=True)
-            occurrences = (right - left).unsqueeze(1)
-            vs = stacked[perm]
-            csum = torch.nn.functional.pad(torch.cumsum(vs, 0), (0, 0, 1, 0))
-            mean = torch.where(occurrences == 1, vs, (csum[right] - csum[left]) / occurrences)
+        ones = torch.ones(index.numel(), dtype=parts[0].dtype, device=index.device)
+        rows, mean, perm = _repeat_means(index, _stacked64(parts, ones))
+        if perm is not None:  # the old values were read at ``index``: in the sorted rows' order
             olds = tuple(None if old is None else old[perm] for old in olds)
         means = [mean[:, j].to(value_dtype).to(col_dtype) for j, (value_dtype, col_dtype, _) in enumerate(layout)]
     out = []
@@ -595,27 +616,11 @@ class SampleStateTable:
             if key not in sources:
                 sources[key] = len(parts)
                 parts.append(_as_column(val, col, self.device))
-        k = len(parts)
         same_dtype = len({p.dtype for p in parts}) == 1
-        if b <= PAIR_MERGE_ROWS:
-            # (B, B) 0/1 matrix times [values | 1]: the sums of each sample's values and its occurrences. A sample
-            # seen once sums its own value and zeros, exactly
-            ones = self._ones(b, parts[0].dtype if same_dtype else torch.float64)
-            if same_dtype:
-                stacked = torch.stack([*parts, ones], 1).double()
-            else:
-                stacked = torch.stack([p.double() for p in parts] + [ones], 1)
-            sums = info.pairs64(index) @ stacked
-            means, rows = sums[:, :k] / sums[:, k:], index
-        else:
-            rows, perm = info.sorted(index)
-            left = torch.searchsorted(rows, rows)
-            right = torch.searchsorted(rows, rows, right=True)
-            occurrences = (right - left).unsqueeze(1)  # per sorted position: how often its sample occurs
-            vs = (torch.stack(parts, 1).double() if same_dtype else torch.stack([p.double() for p in parts], 1))[perm]
-            csum = torch.nn.functional.pad(torch.cumsum(vs, 0), (0, 0, 1, 0))
-            # a sample seen once keeps its value exactly; duplicates take their mean
-            means = torch.where(occurrences == 1, vs, (csum[right] - csum[left]) / occurrences)
+        pair = b <= PAIR_MERGE_ROWS  # the step's pair matrix or sort, shared by its tables
+        stacked = _stacked64(parts, self._ones(b, parts[0].dtype if same_dtype else torch.float64))
+        rows, means, _ = _repeat_means(index, stacked, info.pairs64(index) if pair else None,
+                                       None if pair else info.sorted(index))
         out: dict[str, Tensor] = {}
         rounded: dict[torch.dtype, Tensor] = {}
         for name in merged:

@@ -2,19 +2,16 @@
 compilation fails (no C++ compiler) and both ranks fall back to the eager code together."""
 
 import json
-import socket
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lightning_reweight import LossReweighting, Reweighter
 from lightning_reweight._compile import CompileFallbackWarning
-from tests.doors._common import N, Tiny, data, global_batches
+from tests.doors._common import N, Tiny, data, global_batches, spawn_gloo
 
 
 def train(rank: int, world: int) -> tuple[LossReweighting, list[str]]:
@@ -35,8 +32,7 @@ def train(rank: int, world: int) -> tuple[LossReweighting, list[str]]:
     return cb, [str(w.message) for w in caught if issubclass(w.category, CompileFallbackWarning)]
 
 
-def main(rank: int, world: int, port: int, out: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def main(rank: int, world: int, out: Path) -> None:
     results = {}
     for phase in ("compiled", "rank1_fails"):
         if phase == "rank1_fails":
@@ -49,12 +45,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
         results[phase] = {"rule_compiled": cb._rule_graph.compiled, "table_compiled": cb.table.compiled.compiled,
                           "warnings": warned, "log_z": cb.rule.log_normalizer}
     (out / f"results_{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(main, args=(2, port, out), nprocs=2)
+    spawn_gloo(main, Path(sys.argv[1]))

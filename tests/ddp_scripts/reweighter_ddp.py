@@ -2,17 +2,14 @@
 every rank together (one rank's bad input, one key on two ranks)."""
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lightning_reweight import LossReweighting, Reweighter, StepInputError
-from tests.doors._common import N, Tiny, data, global_batches
+from tests.doors._common import N, Tiny, data, global_batches, spawn_gloo
 
 
 def _outcome(fn):
@@ -23,8 +20,7 @@ def _outcome(fn):
     return "ok"
 
 
-def main(rank: int, world: int, port: int, out: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def main(rank: int, world: int, out: Path) -> None:
     cb = LossReweighting("linupper", warmup_steps=2, num_samples=N, log_every_n_steps=1)
     module = Tiny()
     model = torch.nn.parallel.DistributedDataParallel(module)
@@ -63,12 +59,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     results["unchanged"] = bool(torch.equal(before, cb.table["weight"]))
     assert StepInputError is not None
     (out / f"refusals_{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(main, args=(2, port, out), nprocs=2)
+    spawn_gloo(main, Path(sys.argv[1]))

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,3 +76,19 @@ def step_extras(model, index):
     logits = model(x[index])
     return {"group": (y[index] == 0).long(), "target": y[index],
             "consistency": (logits - logits.roll(1, 0)).pow(2).mean(1)}
+
+
+def spawn_gloo(fn: Callable[[int, int, Path], None], out: Path, world: int = 2) -> None:
+    """Run ``fn(rank, world, out)`` in ``world`` CPU processes joined by a gloo process group (a free local port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_worker, args=(fn, world, port, out), nprocs=world)
+
+
+def _gloo_worker(rank: int, fn: Callable[[int, int, Path], None], world: int, port: int, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, out)
+    finally:
+        dist.destroy_process_group()
