@@ -7,28 +7,19 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lightning_reweight import LossReweighting, Reweighter
 from lightning_reweight._compile import CompileFallbackWarning
-from tests.doors._common import N, Tiny, data, global_batches, spawn_gloo
+from tests.doors._common import N, Tiny, spawn_gloo, train_on_shards
 
 
 def train(rank: int, world: int) -> tuple[LossReweighting, list[str]]:
     cb = LossReweighting("kl_dro", normalizer="ema", max_weight=3.0, num_samples=N, log_every_n_steps=0,
                          compile=True)
     model = torch.nn.parallel.DistributedDataParallel(Tiny())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    reweighter = Reweighter([cb], model=model)
-    x, y = data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileFallbackWarning)
-        for index in global_batches(2):
-            local = index[rank::world]
-            loss = reweighter.reduce(F.cross_entropy(model(x[local]), y[local], reduction="none"), local)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        train_on_shards(Reweighter([cb], model=model), model, rank, world)
     return cb, [str(w.message) for w in caught if issubclass(w.category, CompileFallbackWarning)]
 
 

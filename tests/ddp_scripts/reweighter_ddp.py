@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_reweight import LossReweighting, Reweighter, StepInputError
-from tests.doors._common import N, Tiny, data, global_batches, spawn_gloo
+from tests.doors._common import N, Tiny, data, spawn_gloo, train_on_shards
 
 
 def _outcome(fn):
@@ -24,15 +24,9 @@ def main(rank: int, world: int, out: Path) -> None:
     cb = LossReweighting("linupper", warmup_steps=2, num_samples=N, log_every_n_steps=1)
     module = Tiny()
     model = torch.nn.parallel.DistributedDataParallel(module)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     reweighter = Reweighter([cb], model=model)
+    train_on_shards(reweighter, model, rank, world)
     x, y = data()
-    for index in global_batches(2):
-        local = index[rank::world]
-        loss = reweighter.reduce(F.cross_entropy(model(x[local]), y[local], reduction="none"), local)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
     torch.save({k: v.clone() for k, v in cb.table.state_dict()["columns"].items()}, out / f"table_{rank}.pt")
     before = cb.table["weight"].clone()
     results = {}

@@ -78,6 +78,18 @@ def step_extras(model, index):
             "consistency": (logits - logits.roll(1, 0)).pow(2).mean(1)}
 
 
+def train_on_shards(reweighter, model: nn.Module, rank: int = 0, world: int = 1, epochs: int = 2) -> None:
+    """SGD (lr 0.5) through ``reweighter`` over ``global_batches(epochs)``, this rank on its rows
+    ``index[rank::world]``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data()
+    for index in global_batches(epochs):
+        local = index[rank::world]
+        reweighter.reduce(F.cross_entropy(model(x[local]), y[local], reduction="none"), local).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def spawn_gloo(fn: Callable[[int, int, Path], None], out: Path, world: int = 2) -> None:
     """Run ``fn(rank, world, out)`` in ``world`` CPU processes joined by a gloo process group (a free local port)."""
     with socket.socket() as s:
