@@ -102,5 +102,6 @@ def _gloo_worker(rank: int, fn: Callable[[int, int, Path], None], world: int, po
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(rank, world, out)
+        dist.barrier()  # no rank tears the group down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
