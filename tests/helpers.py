@@ -12,6 +12,14 @@ import lightning.pytorch as pl
 REPO = Path(__file__).resolve().parents[1]
 
 
+def ddp_env(**extra: str) -> dict[str, str]:
+    """The environment of a multi-process test script: one thread, the repository importable, and ``_site`` first
+    on ``PYTHONPATH``, so every rank destroys its process group at exit after a barrier (its ``sitecustomize``)."""
+    site = REPO / "tests" / "ddp_scripts" / "_site"
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]), **extra)
+
+
 def run_ddp_script(script: str | Path, out_dir: str | Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run a standalone 2-process CPU DDP script (``Trainer(accelerator="cpu", devices=2, strategy="ddp")``).
 
@@ -19,7 +27,7 @@ def run_ddp_script(script: str | Path, out_dir: str | Path, *args: str, timeout:
     that calls ``trainer.fit`` under ``if __name__ == "__main__":``. ``out_dir`` is passed as the first
     argument; each rank writes its results there. Raises with the script's output if it fails.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = ddp_env()
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, str(script), str(out_dir), *args], cwd=str(out_dir), env=env,

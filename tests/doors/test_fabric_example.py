@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, ddp_env
 
 SCRIPT = REPO / "examples" / "fabric_char_lm.py"
 ARGS = ["--chars", "6000", "--seq-len", "16", "--batch-size", "8", "--d-model", "16", "--save-every", "3"]
@@ -39,9 +38,8 @@ def test_example_trains_logs_and_resumes_exactly(tmp_path):
 
 
 def test_example_runs_on_two_processes(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--steps", "4", "--devices", "2",
-                           "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           "--out", str(tmp_path)], cwd=tmp_path, env=ddp_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps=4" in proc.stdout and "reweight/ess=" in proc.stdout

@@ -2,7 +2,6 @@
 but local rank 0: each rank trains its own rows (global-rank shards) and the guard passes; a rank that plans
 another sequence or holds a diverged table is caught on every rank, naming the ranks."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from lightning_reweight.callbacks.consistency import rank_fingerprint, tensor_fingerprint
-from tests.helpers import REPO
+from tests.helpers import ddp_env
 
 SCRIPT = Path(__file__).parents[1] / "ddp_scripts" / "two_nodes_guard_ddp.py"
 
@@ -27,9 +26,7 @@ def _run_two_nodes(out: Path, mode: str) -> list[dict]:
     port = str(_free_port())
     procs = []
     for node in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", NODE_RANK=str(node), LOCAL_RANK="0", WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = ddp_env(NODE_RANK=str(node), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(out), mode], cwd=str(out), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=300)[0] for p in procs]
